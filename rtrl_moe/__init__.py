@@ -1,0 +1,1 @@
+"""Exact sparse real-time recurrent learning for recurrent mixtures of experts."""
