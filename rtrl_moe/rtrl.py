@@ -1,0 +1,370 @@
+"""Exact real-time recurrent learning: dense, sparse and lazy sensitivity updates.
+
+Notation, per sample: P_t = dh_t/dtheta (``H x n``), J_t = dh_{t+1}/dh_t and
+G_t = dh_{t+1}/dtheta with h_t held fixed. The recursion is
+
+    P_{t+1} = J_t P_t + G_t,    P_0 = 0 (the initial state is not learned),
+
+and a loss L_t that reads h_{t+1} has the gradient
+``dL_t/dtheta = (dL_t/dh_{t+1}) P_{t+1} + (direct term through the output head)``.
+The sensitivity used for a loss is always that of the state the loss reads.
+
+* ``rtrl-dense`` forms all H rows of J_t and multiplies the whole of P.
+* ``rtrl-sparse`` uses the structure of ``RecurrentMoE``: only rows of the write
+  set W change, and written slot j is ``(1 - beta_j) old_j + beta_j c``. With
+  T = du/dh_{R,W} P_{R,W} + du/dtheta for u = [c, beta] (``d_model + k_write`` rows),
+  ``P_{t+1}[j] = (1 - beta_j) P_t[j] + beta_j T_c + (c - old_j) T_beta_j``.
+* ``rtrl-lazy`` does the sparse update for the core and for experts selected at
+  the step. A dormant expert's columns only move by J_t, so the engine keeps the
+  last ``capacity`` Jacobians in a :class:`CircularSegmentTree` and applies their
+  product when the expert is selected again or before its pending span would
+  exceed the capacity. A loss at a step where an expert is stale multiplies the
+  loss gradient through the stored Jacobians first and the stale P last.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import jacrev, vmap
+
+from rtrl_moe._checks import NonFiniteError
+from rtrl_moe.jacobians import (RowSparseJacobian, StepFactors, compose_jacobians,
+                                moe_step_factors, state_jacobian)
+from rtrl_moe.layout import ParameterLayout
+from rtrl_moe.models import RecurrentMoE
+from rtrl_moe.tree import CircularSegmentTree
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+DEFAULT_CAPACITY = 64
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one step of an engine produced: loss (None without targets) and logits."""
+
+    loss: float | None
+    logits: Tensor
+    n_targets: int
+
+
+class GradientEngine:
+    """Common interface of the BPTT and RTRL engines used by the trainer.
+
+    ``begin(batch_size)`` starts a sequence, ``step(x_t, y_t)`` advances it by one
+    step and takes the loss at that step, and ``take_gradients()`` returns the
+    gradient accumulated since the last call (by parameter name) and resets it.
+    """
+
+    method = ""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.layout = ParameterLayout(model)
+        self.time = 0
+        self.state: Tensor | None = None
+
+    def step_loss(self, logits: Tensor, target: Tensor | None) -> Tensor | None:
+        """Cross-entropy averaged over the samples that have a target at this step."""
+        if target is None:
+            return None
+        mask = target != IGNORE_INDEX
+        if not bool(mask.any()):
+            return None
+        return F.cross_entropy(logits[mask], target[mask])
+
+
+class RTRLEngine(GradientEngine):
+    """Shared part of the RTRL engines: state, sensitivity, loss and gradient."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.sensitivity: Tensor | None = None
+        self._gradient: Tensor | None = None
+        self.stats: list[dict[str, int]] = []
+
+    def begin(self, batch_size: int) -> None:
+        """Start a new sequence: initial state, zero sensitivity, zero gradient."""
+        weight = next(self.model.parameters())
+        self.state = self.model.initial_state(batch_size)
+        self.sensitivity = torch.zeros(batch_size, self.model.state_size, self.layout.n_params,
+                                       dtype=weight.dtype, device=weight.device)
+        self._gradient = torch.zeros(self.layout.n_params, dtype=weight.dtype,
+                                     device=weight.device)
+        self.time = 0
+        self.stats = []
+        logger.debug("%s: sensitivity of shape %s allocated", self.method,
+                     tuple(self.sensitivity.shape))
+
+    def take_gradients(self) -> dict[str, Tensor]:
+        """Return the gradient accumulated since the last call and reset it."""
+        self._flush_pending()
+        gradient = self.layout.unflatten(self._gradient.clone())
+        self._gradient.zero_()
+        return gradient
+
+    def _flush_pending(self) -> None:
+        """Hook for engines that defer work (nothing to do by default)."""
+
+    def step(self, x: Tensor, target: Tensor | None = None) -> StepRecord:
+        """Advance by one step, update the sensitivity and add this step's loss gradient."""
+        with torch.no_grad():
+            out = self.model.step(x, self.state)
+        self._check_finite(out.state, "state")
+        self._update_sensitivity(x, out)
+        self.state = out.state
+
+        loss, n_targets = self._add_loss_gradient(x, out.state, target)
+        self.time += 1
+        return StepRecord(loss, out.logits, n_targets)
+
+    def _update_sensitivity(self, x: Tensor, out) -> None:
+        raise NotImplementedError
+
+    def _add_loss_gradient(self, x: Tensor, new_state: Tensor,
+                           target: Tensor | None) -> tuple[float | None, int]:
+        """Add ``dL_t/dh_{t+1} P_{t+1}`` and the direct head term to the gradient."""
+        with torch.enable_grad():
+            params = {n: p.detach().requires_grad_(True)
+                      for n, p in self.model.core_parameters().items()}
+            state = new_state.detach().requires_grad_(True)
+            logits = self.model.output(params, x, state)
+            loss = self.step_loss(logits, target)
+            if loss is None:
+                return None, 0
+            self._check_finite(loss, "loss")
+            grads = torch.autograd.grad(loss, [state, *params.values()], allow_unused=True)
+
+        direct = {n: (g if g is not None else torch.zeros_like(p))
+                  for (n, p), g in zip(params.items(), grads[1:])}
+        self._gradient[: self.layout.n_core] += self.layout.flatten_core(direct, batch_dims=0)
+        self._add_state_term(grads[0])
+        n_targets = int((target != IGNORE_INDEX).sum())
+        return float(loss), n_targets
+
+    def _add_state_term(self, loss_vector: Tensor) -> None:
+        """Add ``sum_b v_b P_b`` for the loss gradient ``v`` (``B, H``) w.r.t. the new state."""
+        self._gradient += torch.einsum("bh,bhn->n", loss_vector, self.sensitivity)
+
+    def _check_finite(self, tensor: Tensor, what: str, group: str | None = None) -> None:
+        if not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(step=self.time, method=self.method, what=what, group=group)
+
+    def _immediate(self, factors: StepFactors) -> Tensor:
+        """Return du/dtheta over all columns (``B, U, n``), experts scattered to their blocks."""
+        batch, rows, _ = factors.d_core.shape
+        full = factors.d_core.new_zeros(batch, rows, self.layout.n_params)
+        full[:, :, : self.layout.n_core] = factors.d_core
+        if self.layout.n_experts:
+            experts = full[:, :, self.layout.n_core:].view(
+                batch, rows, self.layout.n_experts, self.layout.expert_size)
+            samples = torch.arange(batch, device=full.device)
+            for i in range(factors.d_selected.shape[2]):
+                experts[samples, :, factors.routing.experts[:, i]] = factors.d_selected[:, :, i]
+        return full
+
+
+def sparse_update(model: RecurrentMoE, sensitivity: Tensor, factors: StepFactors,
+                  immediate: Tensor | None) -> Tensor:
+    """Apply one step to the written rows of ``sensitivity`` (``B, H, n``) in place.
+
+    ``immediate`` is du/dtheta for these columns (``B, U, n``) or None where it
+    is zero. Returns the new written rows (``B, k_write, D, n``).
+    """
+    batch, _, n = sensitivity.shape
+    d, k_read, k_write = model.d_model, model.k_read, model.k_write
+    slots = sensitivity.view(batch, model.n_slots, d, n)
+    samples = torch.arange(batch, device=sensitivity.device).unsqueeze(1)
+    read_rows = slots[samples, factors.routing.read].reshape(batch, k_read * d, n)
+    old_rows = slots[samples, factors.routing.write]
+
+    total = torch.bmm(factors.d_write, old_rows.reshape(batch, k_write * d, n))
+    total = total.baddbmm_(factors.d_read, read_rows)
+    if immediate is not None:
+        total += immediate
+    total_update, total_beta = total[:, :d], total[:, d:]
+
+    beta = factors.weights[:, :, None, None]
+    gap = (factors.update.unsqueeze(1) - factors.old_written).unsqueeze(-1)
+    new_rows = old_rows.mul_(1 - beta).add_(beta * total_update.unsqueeze(1))
+    new_rows.add_(gap * total_beta.unsqueeze(2))
+    slots[samples, factors.routing.write] = new_rows
+    return new_rows
+
+
+class DenseRTRL(RTRLEngine):
+    """Exact RTRL with all H rows of the state Jacobian and every parameter each step."""
+
+    method = "rtrl-dense"
+
+    def _update_sensitivity(self, x: Tensor, out) -> None:
+        if isinstance(self.model, RecurrentMoE):
+            self._update_moe(x, out)
+        else:
+            self._update_generic(x)
+        self._check_finite(self.sensitivity, "sensitivity", "all parameters")
+        self.stats.append({"step": self.time, "rows_touched": self.sensitivity.shape[0]
+                           * self.sensitivity.shape[1]})
+
+    def _update_moe(self, x: Tensor, out) -> None:
+        factors = moe_step_factors(self.model, self.layout, x, self.state, out.routing)
+        _check_factors(self, factors)
+        jacobian = state_jacobian(self.model, factors).to_dense()
+        sensitivity = torch.bmm(jacobian, self.sensitivity)
+
+        immediate = self._immediate(factors)
+        d = self.model.d_model
+        beta = factors.weights[:, :, None, None]
+        gap = (factors.update.unsqueeze(1) - factors.old_written).unsqueeze(-1)
+        written = beta * immediate[:, None, :d] + gap * immediate[:, d:, None]
+
+        batch, n = sensitivity.shape[0], sensitivity.shape[-1]
+        slots = sensitivity.view(batch, self.model.n_slots, d, n)
+        samples = torch.arange(batch, device=x.device).unsqueeze(1)
+        slots[samples, factors.routing.write] += written
+        self.sensitivity = sensitivity
+
+    def _update_generic(self, x: Tensor) -> None:
+        params = {n: p.detach() for n, p in self.model.named_parameters()}
+
+        def next_state(params, x, h):
+            return self.model.functional_step(params, x, h).state
+
+        jacobian = jacrev(next_state, argnums=(0, 2))
+        d_params, d_state = vmap(jacobian, in_dims=(None, 0, 0))(params, x, self.state)
+        immediate = self.layout.flatten_core(d_params, batch_dims=2)
+        self._check_finite(d_state, "state Jacobian")
+        self._check_finite(immediate, "immediate Jacobian", "core")
+        self.sensitivity = torch.baddbmm(immediate, d_state, self.sensitivity)
+
+
+class SparseRTRL(RTRLEngine):
+    """Exact RTRL that updates only the written rows, from the read and write columns."""
+
+    method = "rtrl-sparse"
+
+    def _update_sensitivity(self, x: Tensor, out) -> None:
+        factors = moe_step_factors(self.model, self.layout, x, self.state, out.routing)
+        _check_factors(self, factors)
+        new_rows = sparse_update(self.model, self.sensitivity, factors, self._immediate(factors))
+        self._check_finite(new_rows, "sensitivity", "all parameters")
+        self.stats.append({"step": self.time, "rows_touched": new_rows.shape[0]
+                           * new_rows.shape[1] * new_rows.shape[2]})
+
+
+def _check_factors(engine: RTRLEngine, factors: StepFactors) -> None:
+    engine._check_finite(factors.d_read, "state Jacobian")
+    engine._check_finite(factors.d_write, "state Jacobian")
+    engine._check_finite(factors.d_core, "immediate Jacobian", "core")
+    for i in range(factors.d_selected.shape[2]):
+        if not bool(torch.isfinite(factors.d_selected[:, :, i]).all()):
+            bad = factors.routing.experts[:, i].unique().tolist()
+            engine._check_finite(factors.d_selected[:, :, i], "immediate Jacobian",
+                                 ", ".join(f"expert {e}" for e in bad))
+
+
+class LazyRTRL(RTRLEngine):
+    """Exact RTRL that defers the updates of dormant experts through a segment tree.
+
+    Parameter groups are the core and one group per expert. ``synced_until[g]``
+    is the step up to which group g's sensitivity is current: its columns of P
+    equal ``P_{synced_until[g]}``. The tree holds the last ``capacity`` state
+    Jacobians; position i in the tree is step ``time - len(tree) + i``.
+    """
+
+    method = "rtrl-lazy"
+
+    def __init__(self, model: RecurrentMoE, capacity: int = DEFAULT_CAPACITY) -> None:
+        super().__init__(model)
+        self.capacity = capacity
+        self.tree: CircularSegmentTree | None = None
+        self.synced_until: list[int] = []
+
+    def begin(self, batch_size: int) -> None:
+        """Start a new sequence with an empty tree and every expert current."""
+        super().begin(batch_size)
+        identity = RowSparseJacobian.identity(batch_size, self.model.state_size,
+                                              dtype=self.sensitivity.dtype,
+                                              device=self.sensitivity.device)
+        self.tree = CircularSegmentTree(self.capacity, compose_jacobians, identity)
+        self.synced_until = [0] * self.layout.n_experts
+
+    def _catch_up(self, expert: int, now: int) -> int:
+        """Bring an expert's sensitivity to P_now; return the sensitivity rows touched.
+
+        The newest tree item is J_{now-1}, so step k sits at position ``k - now + len``.
+        """
+        start = self.synced_until[expert] - (now - len(self.tree))
+        product = self.tree.query(start, len(self.tree))
+        columns = self.sensitivity[:, :, self.layout.expert_slice(expert)]
+        product.apply(columns)
+        self._check_finite(columns, "sensitivity", f"expert {expert}")
+        self.synced_until[expert] = now
+        return product.rows.numel()
+
+    def _update_sensitivity(self, x: Tensor, out) -> None:
+        factors = moe_step_factors(self.model, self.layout, x, self.state, out.routing)
+        _check_factors(self, factors)
+        counts = {"step": self.time, "deferred": 0, "synced": 0, "expired": 0, "rows_touched": 0}
+
+        core = self.sensitivity[:, :, : self.layout.n_core]
+        new_rows = sparse_update(self.model, core, factors, factors.d_core)
+        self._check_finite(new_rows, "sensitivity", "core")
+        counts["rows_touched"] += new_rows.numel() // new_rows.shape[-1]
+
+        chosen = factors.routing.experts
+        active = set(chosen.unique().tolist())
+        for expert in sorted(active):
+            if self.synced_until[expert] < self.time:
+                counts["rows_touched"] += self._catch_up(expert, now=self.time)
+                counts["synced"] += 1
+            immediate = _expert_immediate(factors, chosen, expert)
+            columns = self.sensitivity[:, :, self.layout.expert_slice(expert)]
+            new_rows = sparse_update(self.model, columns, factors, immediate)
+            self._check_finite(new_rows, "sensitivity", f"expert {expert}")
+            counts["rows_touched"] += new_rows.numel() // new_rows.shape[-1]
+            self.synced_until[expert] = self.time + 1
+
+        self.tree.push(state_jacobian(self.model, factors))
+        counts["deferred"] = self.layout.n_experts - len(active)
+        counts["expired"], rows = self._expire(now=self.time + 1)
+        counts["rows_touched"] += rows
+        self.stats.append(counts)
+
+    def _expire(self, now: int) -> tuple[int, int]:
+        """Sync the experts whose pending span fills the tree, before the next push evicts it."""
+        expired, rows = 0, 0
+        for expert, synced in enumerate(self.synced_until):
+            if now - synced >= self.capacity:
+                rows += self._catch_up(expert, now)
+                expired += 1
+        return expired, rows
+
+    def _add_state_term(self, loss_vector: Tensor) -> None:
+        """Add the loss term; stale experts get ``(v J_t ... J_s) P_s``."""
+        now = self.time + 1
+        core = self.sensitivity[:, :, : self.layout.n_core]
+        self._gradient[: self.layout.n_core] += torch.einsum("bh,bhn->n", loss_vector, core)
+
+        vector, reached = loss_vector, now
+        first = now - len(self.tree)
+        order = sorted(range(self.layout.n_experts), key=lambda e: -self.synced_until[e])
+        for expert in order:
+            while reached > self.synced_until[expert]:
+                reached -= 1
+                vector = self.tree[reached - first].left_apply(vector)
+            columns = self.sensitivity[:, :, self.layout.expert_slice(expert)]
+            self._gradient[self.layout.expert_slice(expert)] += torch.einsum(
+                "bh,bhn->n", vector, columns)
+
+
+def _expert_immediate(factors: StepFactors, chosen: Tensor, expert: int) -> Tensor:
+    """Return du/dtheta_e (``B, U, expert_size``); zero for samples that did not choose e."""
+    mask = (chosen == expert).to(factors.d_selected.dtype)          # B, k
+    return torch.einsum("bk,bukn->bun", mask, factors.d_selected)
