@@ -146,7 +146,7 @@ class RTRLEngine(GradientEngine):
         self._gradient[: self.layout.n_core] += self.layout.flatten_core(direct, batch_dims=0)
         self._add_state_term(grads[0])
         n_targets = int((target != IGNORE_INDEX).sum())
-        return float(loss), n_targets
+        return float(loss.detach()), n_targets
 
     def _add_state_term(self, loss_vector: Tensor) -> None:
         """Add ``sum_b v_b P_b`` for the loss gradient ``v`` (``B, H``) w.r.t. the new state."""

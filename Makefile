@@ -1,0 +1,34 @@
+# Every target creates and fills .venv from requirements-lock.txt on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test unit notebooks-test results bench clean
+
+$(STAMP): requirements-lock.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -r requirements-lock.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# All tests: the unit tests, then the stored notebook outputs through nbval.
+test: venv
+	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --nbval notebooks/ --sanitize-with notebooks/sanitize.cfg
+
+unit: venv
+	$(PY) -m pytest -q tests
+
+# Every notebook and figure, headless (CUDA when available, else CPU).
+results: venv
+	$(PY) -m rtrl_moe.reproduce $(ARGS)
+
+bench: venv
+	$(PY) -m rtrl_moe.benchmarks $(ARGS)
+
+clean:
+	rm -rf $(VENV)
