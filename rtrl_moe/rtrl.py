@@ -87,7 +87,8 @@ class RTRLEngine(GradientEngine):
         super().__init__(model)
         self.sensitivity: Tensor | None = None
         self._gradient: Tensor | None = None
-        self.stats: list[dict[str, int]] = []
+        self.stats: list[dict] = []
+        self._matmuls: list[tuple[int, int, int, int]] = []
 
     def begin(self, batch_size: int) -> None:
         """Start a new sequence: initial state, zero sensitivity, zero gradient."""
@@ -117,7 +118,10 @@ class RTRLEngine(GradientEngine):
         with torch.no_grad():
             out = self.model.step(x, self.state)
         self._check_finite(out.state, "state")
+        self._matmuls = []
         self._update_sensitivity(x, out)
+        self.stats[-1]["matmuls"] = self._matmuls
+        self.stats[-1]["flops"] = sum(2 * b * m * k * n for b, m, k, n in self._matmuls)
         self.state = out.state
 
         loss, n_targets = self._add_loss_gradient(x, out.state, target)
@@ -171,11 +175,13 @@ class RTRLEngine(GradientEngine):
 
 
 def sparse_update(model: RecurrentMoE, sensitivity: Tensor, factors: StepFactors,
-                  immediate: Tensor | None) -> Tensor:
+                  immediate: Tensor | None, matmuls: list | None = None) -> Tensor:
     """Apply one step to the written rows of ``sensitivity`` (``B, H, n``) in place.
 
     ``immediate`` is du/dtheta for these columns (``B, U, n``) or None where it
-    is zero. Returns the new written rows (``B, k_write, D, n``).
+    is zero. The shapes ``(batch, m, k, n)`` of the two products on P are
+    appended to ``matmuls`` when given. Returns the new written rows
+    (``B, k_write, D, n``).
     """
     batch, _, n = sensitivity.shape
     d, k_read, k_write = model.d_model, model.k_read, model.k_write
@@ -186,6 +192,9 @@ def sparse_update(model: RecurrentMoE, sensitivity: Tensor, factors: StepFactors
 
     total = torch.bmm(factors.d_write, old_rows.reshape(batch, k_write * d, n))
     total = total.baddbmm_(factors.d_read, read_rows)
+    if matmuls is not None:
+        rows = factors.d_read.shape[1]
+        matmuls += [(batch, rows, k_read * d, n), (batch, rows, k_write * d, n)]
     if immediate is not None:
         total += immediate
     total_update, total_beta = total[:, :d], total[:, d:]
@@ -217,6 +226,8 @@ class DenseRTRL(RTRLEngine):
         _check_factors(self, factors)
         jacobian = state_jacobian(self.model, factors).to_dense()
         sensitivity = torch.bmm(jacobian, self.sensitivity)
+        self._matmuls.append((jacobian.shape[0], jacobian.shape[1], jacobian.shape[2],
+                              sensitivity.shape[2]))
 
         immediate = self._immediate(factors)
         d = self.model.d_model
@@ -242,6 +253,8 @@ class DenseRTRL(RTRLEngine):
         self._check_finite(d_state, "state Jacobian")
         self._check_finite(immediate, "immediate Jacobian", "core")
         self.sensitivity = torch.baddbmm(immediate, d_state, self.sensitivity)
+        self._matmuls.append((d_state.shape[0], d_state.shape[1], d_state.shape[2],
+                              immediate.shape[2]))
 
 
 class SparseRTRL(RTRLEngine):
@@ -252,7 +265,8 @@ class SparseRTRL(RTRLEngine):
     def _update_sensitivity(self, x: Tensor, out) -> None:
         factors = moe_step_factors(self.model, self.layout, x, self.state, out.routing)
         _check_factors(self, factors)
-        new_rows = sparse_update(self.model, self.sensitivity, factors, self._immediate(factors))
+        new_rows = sparse_update(self.model, self.sensitivity, factors, self._immediate(factors),
+                                 self._matmuls)
         self._check_finite(new_rows, "sensitivity", "all parameters")
         self.stats.append({"step": self.time, "rows_touched": new_rows.shape[0]
                            * new_rows.shape[1] * new_rows.shape[2]})
@@ -304,6 +318,9 @@ class LazyRTRL(RTRLEngine):
         product = self.tree.query(start, len(self.tree))
         columns = self.sensitivity[:, :, self.layout.expert_slice(expert)]
         product.apply(columns)
+        if product.rows.shape[1]:
+            self._matmuls.append((columns.shape[0], product.rows.shape[1], columns.shape[1],
+                                  columns.shape[2]))
         self._check_finite(columns, "sensitivity", f"expert {expert}")
         self.synced_until[expert] = now
         return product.rows.numel()
@@ -314,7 +331,7 @@ class LazyRTRL(RTRLEngine):
         counts = {"step": self.time, "deferred": 0, "synced": 0, "expired": 0, "rows_touched": 0}
 
         core = self.sensitivity[:, :, : self.layout.n_core]
-        new_rows = sparse_update(self.model, core, factors, factors.d_core)
+        new_rows = sparse_update(self.model, core, factors, factors.d_core, self._matmuls)
         self._check_finite(new_rows, "sensitivity", "core")
         counts["rows_touched"] += new_rows.numel() // new_rows.shape[-1]
 
@@ -326,7 +343,7 @@ class LazyRTRL(RTRLEngine):
                 counts["synced"] += 1
             immediate = _expert_immediate(factors, chosen, expert)
             columns = self.sensitivity[:, :, self.layout.expert_slice(expert)]
-            new_rows = sparse_update(self.model, columns, factors, immediate)
+            new_rows = sparse_update(self.model, columns, factors, immediate, self._matmuls)
             self._check_finite(new_rows, "sensitivity", f"expert {expert}")
             counts["rows_touched"] += new_rows.numel() // new_rows.shape[-1]
             self.synced_until[expert] = self.time + 1
