@@ -131,27 +131,39 @@ def _row_union(first: Tensor, second: Tensor, size: int) -> Tensor:
 class StepFactors:
     """Jacobian factors of one ``RecurrentMoE`` step for a batch.
 
-    With u = [c, beta] (``U = d_model + k_write`` entries):
-    ``d_read`` (``B, U, k_read * D``) and ``d_write`` (``B, U, k_write * D``) are
-    du/dh restricted to the gathered read and write slots, taken as two separate
-    inputs so that a slot in both sets gets both contributions; ``d_core``
-    (``B, U, n_core``) and ``d_selected`` (``B, U, k_experts, expert_size``) are
-    the immediate parameter Jacobians. ``update`` is c (``B, D``), ``weights``
-    beta (``B, k_write``) and ``old_written`` the written slots before the step.
+    c is computed from the read slots and beta from the write slots only, so
+    each needs one block of the state Jacobian. The read slots and the write
+    slots are gathered as two separate inputs, so a slot in both sets gets
+    both contributions.
+
+    * ``d_update_read`` (``B, D, k_read * D``): dc/dh over the read slots.
+    * ``d_weights_write`` (``B, k_write, k_write * D``): dbeta/dh over the write slots.
+    * ``d_update_core`` (``B, D, n_core``), ``d_weights_core`` (``B, k_write, n_core``):
+      immediate Jacobians of c and beta for the core parameters.
+    * ``d_update_selected`` (``B, D, k_experts, expert_size``): immediate Jacobian
+      of c for the selected experts' parameters (beta uses no expert).
+    * ``update`` c (``B, D``), ``weights`` beta (``B, k_write``), ``old_written``
+      the written slots before the step (``B, k_write, D``).
     """
 
-    d_read: Tensor
-    d_write: Tensor
-    d_core: Tensor
-    d_selected: Tensor
+    d_update_read: Tensor
+    d_weights_write: Tensor
+    d_update_core: Tensor
+    d_weights_core: Tensor
+    d_update_selected: Tensor
     update: Tensor
     weights: Tensor
     old_written: Tensor
     routing: Routing
 
+    def tensors(self) -> list[Tensor]:
+        """Return every Jacobian block (for finiteness checks)."""
+        return [self.d_update_read, self.d_weights_write, self.d_update_core,
+                self.d_weights_core, self.d_update_selected]
+
 
 def moe_step_factors(model: RecurrentMoE, layout: ParameterLayout, x: Tensor, h: Tensor,
-                     routing: Routing, *, chunk_size: int | None = None) -> StepFactors:
+                     routing: Routing) -> StepFactors:
     """Differentiate c and beta of one step with respect to the slots and parameters used."""
     slots = h.reshape(h.shape[0], model.n_slots, model.d_model)
     read_slots = _gather_slots(slots, routing.read)
@@ -159,23 +171,29 @@ def moe_step_factors(model: RecurrentMoE, layout: ParameterLayout, x: Tensor, h:
     core = {name: p.detach() for name, p in model.core_parameters().items()}
     selected = {name: p.detach() for name, p in model.experts.select(routing.experts).items()}
 
-    def factors(core, selected, read_slots, write_slots, x):
-        out = model.write_factors(core, selected, read_slots, write_slots, x)
-        u = torch.cat([out.update, out.weights], dim=-1)
-        return u, u
+    def update(core, selected, read_slots, x):
+        c = model.update_vector(core, selected, read_slots, x)
+        return c, c
 
-    jacobian = jacrev(factors, argnums=(0, 1, 2, 3), has_aux=True, chunk_size=chunk_size)
-    (d_core, d_selected, d_read, d_write), u = vmap(jacobian, in_dims=(None, 0, 0, 0, 0))(
-        core, selected, read_slots, write_slots, x)
+    def weights(core, write_slots):
+        beta = model.write_weights(core, write_slots)
+        return beta, beta
 
-    batch, rows = u.shape
+    jac_update = jacrev(update, argnums=(0, 1, 2), has_aux=True)
+    (dc_core, dc_selected, dc_read), c = vmap(jac_update, in_dims=(None, 0, 0, 0))(
+        core, selected, read_slots, x)
+    jac_weights = jacrev(weights, argnums=(0, 1), has_aux=True)
+    (dbeta_core, dbeta_write), beta = vmap(jac_weights, in_dims=(None, 0))(core, write_slots)
+
+    batch = x.shape[0]
     return StepFactors(
-        d_read=d_read.reshape(batch, rows, -1),
-        d_write=d_write.reshape(batch, rows, -1),
-        d_core=layout.flatten_core(d_core, batch_dims=2),
-        d_selected=layout.flatten_experts(d_selected, batch_dims=3),
-        update=u[:, : model.d_model],
-        weights=u[:, model.d_model:],
+        d_update_read=dc_read.reshape(batch, model.d_model, -1),
+        d_weights_write=dbeta_write.reshape(batch, model.k_write, -1),
+        d_update_core=layout.flatten_core(dc_core, batch_dims=2),
+        d_weights_core=layout.flatten_core(dbeta_core, batch_dims=2),
+        d_update_selected=layout.flatten_experts(dc_selected, batch_dims=3),
+        update=c,
+        weights=beta,
         old_written=write_slots,
         routing=routing,
     )
@@ -191,21 +209,24 @@ def state_jacobian(model: RecurrentMoE, factors: StepFactors) -> RowSparseJacobi
     """Assemble the row-sparse state Jacobian J_t from the step factors.
 
     Written slot j is ``(1 - beta_j) old_j + beta_j c``, so its rows are
-    ``beta_j dc/dh + (c - old_j) dbeta_j/dh`` plus ``(1 - beta_j) I`` on its own block.
+    ``beta_j dc/dh_R`` on the read columns, ``(c - old_j) dbeta_j/dh_W`` on the
+    write columns, plus ``(1 - beta_j) I`` on its own block.
     """
     batch, n_slots, d = factors.update.shape[0], model.n_slots, model.d_model
     k_read, k_write = model.k_read, model.k_write
     beta = factors.weights
     gap = factors.update.unsqueeze(1) - factors.old_written            # B, kw, D
-
     values = torch.zeros(batch, k_write, d, n_slots, d, dtype=beta.dtype, device=beta.device)
-    for derivative, index, k in [(factors.d_read, factors.routing.read, k_read),
-                                 (factors.d_write, factors.routing.write, k_write)]:
-        d_update = derivative[:, :d].reshape(batch, 1, d, k, d)
-        d_beta = derivative[:, d:].reshape(batch, k_write, 1, k, d)
-        block = beta[:, :, None, None, None] * d_update + gap[:, :, :, None, None] * d_beta
-        target = index[:, None, None, :, None].expand(batch, k_write, d, k, d)
-        values.scatter_add_(3, target, block)
+
+    d_update = factors.d_update_read.reshape(batch, 1, d, k_read, d)
+    block = beta[:, :, None, None, None] * d_update
+    target = factors.routing.read[:, None, None, :, None].expand_as(block)
+    values.scatter_add_(3, target, block)
+
+    d_beta = factors.d_weights_write.reshape(batch, k_write, 1, k_write, d)
+    block = gap[:, :, :, None, None] * d_beta
+    target = factors.routing.write[:, None, None, :, None].expand_as(block)
+    values.scatter_add_(3, target, block)
 
     eye = torch.eye(d, dtype=beta.dtype, device=beta.device)
     own = ((1 - beta)[:, :, None, None] * eye).unsqueeze(3)            # B, kw, D, 1, D

@@ -155,7 +155,8 @@ class RecurrentMoE(nn.Module):
         pooled = self.read_and_mix(core, read_slots, x)
         experts = self.route_experts(pooled)
         selected = self.experts.select(experts)
-        factors = self.mix_and_write(core, selected, pooled, write_slots)
+        factors = WriteFactors(self.expert_update(core, selected, pooled),
+                               self.write_weights(core, write_slots))
 
         new_state = self.apply_write(h, write, write_slots, factors)
         logits = self.output(core, x, new_state)
@@ -202,26 +203,19 @@ class RecurrentMoE(nn.Module):
         out = torch.einsum("...hqk,...khd->...qhd", torch.softmax(scores, dim=-1), v)
         return out.reshape(tokens.shape)
 
-    def write_factors(
-        self,
-        core: dict[str, Tensor],
-        selected: dict[str, Tensor],
-        read_slots: Tensor,
-        write_slots: Tensor,
-        x: Tensor,
-    ) -> WriteFactors:
-        """Compute c and beta from the read slots, the write slots and the selected experts.
+    def update_vector(self, core: dict[str, Tensor], selected: dict[str, Tensor],
+                      read_slots: Tensor, x: Tensor) -> Tensor:
+        """Compute c from the read slots, the input and the selected experts (``..., D``).
 
         ``selected`` holds the gathered parameters of the chosen experts (leading
-        dimension ``k_experts`` after the batch dimensions), so the result
-        depends on no other expert. This is the function whose Jacobian RTRL needs.
+        dimension ``k_experts`` after the batch dimensions), so c depends on no
+        other expert and on no slot outside the read set.
         """
-        pooled = self.read_and_mix(core, read_slots, x)
-        return self.mix_and_write(core, selected, pooled, write_slots)
+        return self.expert_update(core, selected, self.read_and_mix(core, read_slots, x))
 
-    def mix_and_write(self, core: dict[str, Tensor], selected: dict[str, Tensor],
-                      pooled: Tensor, write_slots: Tensor) -> WriteFactors:
-        """Apply the selected experts to the pooled read content and compute c and beta."""
+    def expert_update(self, core: dict[str, Tensor], selected: dict[str, Tensor],
+                      pooled: Tensor) -> Tensor:
+        """Apply the selected experts to the pooled read content and normalise into c."""
         expert_logits = torch.einsum("...kd,...d->...k", selected["gate_weight"], pooled)
         expert_weights = torch.softmax(expert_logits + selected["gate_bias"], dim=-1)
         expert_out = torch.einsum("...kij,...j->...ki", selected["weight"], pooled)
@@ -229,13 +223,15 @@ class RecurrentMoE(nn.Module):
         pooled = pooled + torch.einsum("...k,...ki->...i", expert_weights, expert_out)
 
         update = F.linear(pooled, core["update.weight"], core["update.bias"])
-        update = F.layer_norm(update, (self.d_model,), core["update_norm.weight"],
-                              core["update_norm.bias"])
+        return F.layer_norm(update, (self.d_model,), core["update_norm.weight"],
+                            core["update_norm.bias"])
 
+    def write_weights(self, core: dict[str, Tensor], write_slots: Tensor) -> Tensor:
+        """Compute beta, the softmax over the write scores of the write set (``..., k_write``)."""
         normed = F.layer_norm(write_slots, (self.d_model,), core["write_norm.weight"],
                               core["write_norm.bias"])
-        scores = F.linear(normed, core["write_score.weight"], core["write_score.bias"]).squeeze(-1)
-        return WriteFactors(update, torch.softmax(scores, dim=-1))
+        scores = F.linear(normed, core["write_score.weight"], core["write_score.bias"])
+        return torch.softmax(scores.squeeze(-1), dim=-1)
 
     def apply_write(self, h: Tensor, write: Tensor, write_slots: Tensor,
                     factors: WriteFactors) -> Tensor:

@@ -157,54 +157,71 @@ class RTRLEngine(GradientEngine):
         self._gradient += torch.einsum("bh,bhn->n", loss_vector, self.sensitivity)
 
     def _check_finite(self, tensor: Tensor, what: str, group: str | None = None) -> None:
-        if not bool(torch.isfinite(tensor).all()):
+        # A sum is one cheap pass, and NaN or infinity anywhere makes it non-finite.
+        if not bool(torch.isfinite(tensor.sum())):
             raise NonFiniteError(step=self.time, method=self.method, what=what, group=group)
 
-    def _immediate(self, factors: StepFactors) -> Tensor:
-        """Return du/dtheta over all columns (``B, U, n``), experts scattered to their blocks."""
-        batch, rows, _ = factors.d_core.shape
-        full = factors.d_core.new_zeros(batch, rows, self.layout.n_params)
-        full[:, :, : self.layout.n_core] = factors.d_core
-        if self.layout.n_experts:
-            experts = full[:, :, self.layout.n_core:].view(
-                batch, rows, self.layout.n_experts, self.layout.expert_size)
-            samples = torch.arange(batch, device=full.device)
-            for i in range(factors.d_selected.shape[2]):
-                experts[samples, :, factors.routing.experts[:, i]] = factors.d_selected[:, :, i]
-        return full
+    def _full_immediate(self, factors: StepFactors) -> tuple[Tensor, Tensor]:
+        """Return dc/dtheta (``B, D, n``) and dbeta/dtheta (``B, k_write, n``) over all columns."""
+        n_core, n = self.layout.n_core, self.layout.n_params
+        d_update = factors.d_update_core.new_zeros(*factors.d_update_core.shape[:2], n)
+        d_update[:, :, :n_core] = factors.d_update_core
+        experts = d_update[:, :, n_core:].view(*d_update.shape[:2], self.layout.n_experts,
+                                               self.layout.expert_size)
+        samples = torch.arange(d_update.shape[0], device=d_update.device)
+        for i in range(factors.d_update_selected.shape[2]):
+            experts[samples, :, factors.routing.experts[:, i]] = factors.d_update_selected[:, :, i]
+
+        d_weights = factors.d_weights_core.new_zeros(*factors.d_weights_core.shape[:2], n)
+        d_weights[:, :, :n_core] = factors.d_weights_core
+        return d_update, d_weights
 
 
 def sparse_update(model: RecurrentMoE, sensitivity: Tensor, factors: StepFactors,
-                  immediate: Tensor | None, matmuls: list | None = None) -> Tensor:
+                  update_immediate: Tensor | None, weights_immediate: Tensor | None,
+                  matmuls: list | None = None) -> bool:
     """Apply one step to the written rows of ``sensitivity`` (``B, H, n``) in place.
 
-    ``immediate`` is du/dtheta for these columns (``B, U, n``) or None where it
-    is zero. The shapes ``(batch, m, k, n)`` of the two products on P are
-    appended to ``matmuls`` when given. Returns the new written rows
-    (``B, k_write, D, n``).
+    ``update_immediate`` (``B, D, n``) and ``weights_immediate`` (``B, k_write, n``)
+    are dc/dtheta and dbeta/dtheta for these columns, or None where zero. The
+    shapes ``(batch, m, k, n)`` of the products on P are appended to
+    ``matmuls`` when given. Returns False if a new row is not finite.
     """
     batch, _, n = sensitivity.shape
-    d, k_read, k_write = model.d_model, model.k_read, model.k_write
+    d = model.d_model
     slots = sensitivity.view(batch, model.n_slots, d, n)
-    samples = torch.arange(batch, device=sensitivity.device).unsqueeze(1)
-    read_rows = slots[samples, factors.routing.read].reshape(batch, k_read * d, n)
-    old_rows = slots[samples, factors.routing.write]
+    read, write = factors.routing.read.tolist(), factors.routing.write.tolist()
+    gap = factors.update.unsqueeze(1) - factors.old_written            # B, kw, D
+    finite = True
+    for b in range(batch):
+        total_update = _slot_product(factors.d_update_read[b], slots[b], read[b],
+                                     None if update_immediate is None else update_immediate[b])
+        total_weights = _slot_product(factors.d_weights_write[b], slots[b], write[b],
+                                      None if weights_immediate is None else weights_immediate[b])
+        checksum = total_update.sum() + total_weights.sum()
+        for j, slot in enumerate(write[b]):
+            rows = slots[b, slot]
+            rows.lerp_(total_update, factors.weights[b, j])
+            rows.addr_(gap[b, j], total_weights[j])
+        finite = finite and bool(torch.isfinite(checksum))
 
-    total = torch.bmm(factors.d_write, old_rows.reshape(batch, k_write * d, n))
-    total = total.baddbmm_(factors.d_read, read_rows)
     if matmuls is not None:
-        rows = factors.d_read.shape[1]
-        matmuls += [(batch, rows, k_read * d, n), (batch, rows, k_write * d, n)]
-    if immediate is not None:
-        total += immediate
-    total_update, total_beta = total[:, :d], total[:, d:]
+        matmuls += [(batch, d, model.k_read * d, n), (batch, model.k_write, model.k_write * d, n)]
+    return finite
 
-    beta = factors.weights[:, :, None, None]
-    gap = (factors.update.unsqueeze(1) - factors.old_written).unsqueeze(-1)
-    new_rows = old_rows.mul_(1 - beta).add_(beta * total_update.unsqueeze(1))
-    new_rows.add_(gap * total_beta.unsqueeze(2))
-    slots[samples, factors.routing.write] = new_rows
-    return new_rows
+
+def _slot_product(jacobian: Tensor, slots: Tensor, index: list[int],
+                  immediate: Tensor | None) -> Tensor:
+    """Return ``jacobian @ P[slots in index] + immediate`` without gathering P (``m, n``)."""
+    d = slots.shape[1]
+    total = None if immediate is None else immediate.clone()
+    for i, slot in enumerate(index):
+        block = jacobian[:, i * d:(i + 1) * d]
+        if total is None:
+            total = block @ slots[slot]
+        else:
+            total.addmm_(block, slots[slot])
+    return total
 
 
 class DenseRTRL(RTRLEngine):
@@ -229,14 +246,13 @@ class DenseRTRL(RTRLEngine):
         self._matmuls.append((jacobian.shape[0], jacobian.shape[1], jacobian.shape[2],
                               sensitivity.shape[2]))
 
-        immediate = self._immediate(factors)
-        d = self.model.d_model
+        d_update, d_weights = self._full_immediate(factors)
         beta = factors.weights[:, :, None, None]
         gap = (factors.update.unsqueeze(1) - factors.old_written).unsqueeze(-1)
-        written = beta * immediate[:, None, :d] + gap * immediate[:, d:, None]
+        written = beta * d_update.unsqueeze(1) + gap * d_weights.unsqueeze(2)
 
         batch, n = sensitivity.shape[0], sensitivity.shape[-1]
-        slots = sensitivity.view(batch, self.model.n_slots, d, n)
+        slots = sensitivity.view(batch, self.model.n_slots, self.model.d_model, n)
         samples = torch.arange(batch, device=x.device).unsqueeze(1)
         slots[samples, factors.routing.write] += written
         self.sensitivity = sensitivity
@@ -265,22 +281,25 @@ class SparseRTRL(RTRLEngine):
     def _update_sensitivity(self, x: Tensor, out) -> None:
         factors = moe_step_factors(self.model, self.layout, x, self.state, out.routing)
         _check_factors(self, factors)
-        new_rows = sparse_update(self.model, self.sensitivity, factors, self._immediate(factors),
-                                 self._matmuls)
-        self._check_finite(new_rows, "sensitivity", "all parameters")
-        self.stats.append({"step": self.time, "rows_touched": new_rows.shape[0]
-                           * new_rows.shape[1] * new_rows.shape[2]})
+        d_update, d_weights = self._full_immediate(factors)
+        if not sparse_update(self.model, self.sensitivity, factors, d_update, d_weights,
+                             self._matmuls):
+            self._check_finite(self.sensitivity, "sensitivity", "all parameters")
+        rows = self.sensitivity.shape[0] * self.model.k_write * self.model.d_model
+        self.stats.append({"step": self.time, "rows_touched": rows})
 
 
 def _check_factors(engine: RTRLEngine, factors: StepFactors) -> None:
-    engine._check_finite(factors.d_read, "state Jacobian")
-    engine._check_finite(factors.d_write, "state Jacobian")
-    engine._check_finite(factors.d_core, "immediate Jacobian", "core")
-    for i in range(factors.d_selected.shape[2]):
-        if not bool(torch.isfinite(factors.d_selected[:, :, i]).all()):
-            bad = factors.routing.experts[:, i].unique().tolist()
-            engine._check_finite(factors.d_selected[:, :, i], "immediate Jacobian",
-                                 ", ".join(f"expert {e}" for e in bad))
+    engine._check_finite(factors.d_update_read, "state Jacobian")
+    engine._check_finite(factors.d_weights_write, "state Jacobian")
+    engine._check_finite(factors.d_update_core, "immediate Jacobian", "core")
+    engine._check_finite(factors.d_weights_core, "immediate Jacobian", "core")
+    for i in range(factors.d_update_selected.shape[2]):
+        block = factors.d_update_selected[:, :, i]
+        if not bool(torch.isfinite(block.sum())):
+            chosen = factors.routing.experts[:, i].unique().tolist()
+            engine._check_finite(block, "immediate Jacobian",
+                                 ", ".join(f"expert {e}" for e in chosen))
 
 
 class LazyRTRL(RTRLEngine):
@@ -330,10 +349,12 @@ class LazyRTRL(RTRLEngine):
         _check_factors(self, factors)
         counts = {"step": self.time, "deferred": 0, "synced": 0, "expired": 0, "rows_touched": 0}
 
+        written = self.sensitivity.shape[0] * self.model.k_write * self.model.d_model
         core = self.sensitivity[:, :, : self.layout.n_core]
-        new_rows = sparse_update(self.model, core, factors, factors.d_core, self._matmuls)
-        self._check_finite(new_rows, "sensitivity", "core")
-        counts["rows_touched"] += new_rows.numel() // new_rows.shape[-1]
+        if not sparse_update(self.model, core, factors, factors.d_update_core,
+                             factors.d_weights_core, self._matmuls):
+            self._check_finite(core, "sensitivity", "core")
+        counts["rows_touched"] += written
 
         chosen = factors.routing.experts
         active = set(chosen.unique().tolist())
@@ -343,9 +364,9 @@ class LazyRTRL(RTRLEngine):
                 counts["synced"] += 1
             immediate = _expert_immediate(factors, chosen, expert)
             columns = self.sensitivity[:, :, self.layout.expert_slice(expert)]
-            new_rows = sparse_update(self.model, columns, factors, immediate, self._matmuls)
-            self._check_finite(new_rows, "sensitivity", f"expert {expert}")
-            counts["rows_touched"] += new_rows.numel() // new_rows.shape[-1]
+            if not sparse_update(self.model, columns, factors, immediate, None, self._matmuls):
+                self._check_finite(columns, "sensitivity", f"expert {expert}")
+            counts["rows_touched"] += written
             self.synced_until[expert] = self.time + 1
 
         self.tree.push(state_jacobian(self.model, factors))
@@ -382,6 +403,6 @@ class LazyRTRL(RTRLEngine):
 
 
 def _expert_immediate(factors: StepFactors, chosen: Tensor, expert: int) -> Tensor:
-    """Return du/dtheta_e (``B, U, expert_size``); zero for samples that did not choose e."""
-    mask = (chosen == expert).to(factors.d_selected.dtype)          # B, k
-    return torch.einsum("bk,bukn->bun", mask, factors.d_selected)
+    """Return dc/dtheta_e (``B, D, expert_size``); zero for samples that did not choose e."""
+    mask = (chosen == expert).to(factors.d_update_selected.dtype)          # B, k
+    return torch.einsum("bk,bdkn->bdn", mask, factors.d_update_selected)
