@@ -15,8 +15,9 @@ METHODS = ("bptt", "rtrl-dense", "rtrl-sparse", "rtrl-lazy")
 SPARSE_METHODS = ("rtrl-sparse", "rtrl-lazy")
 
 
-def make_engine(model: nn.Module, method: str, *, capacity: int | None = None) -> GradientEngine:
-    """Build the engine for ``method``; ``capacity`` (tree size) applies to ``rtrl-lazy`` only."""
+def make_engine(model: nn.Module, method: str, *, capacity: int | None = None,
+                catch_up: str | None = None) -> GradientEngine:
+    """Build the engine for ``method``; ``capacity`` and ``catch_up`` apply to ``rtrl-lazy`` only."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     if method in SPARSE_METHODS and not isinstance(model, RecurrentMoE):
@@ -24,8 +25,9 @@ def make_engine(model: nn.Module, method: str, *, capacity: int | None = None) -
             f"method {method!r} needs the write-set structure of RecurrentMoE, "
             f"got {type(model).__name__}; use 'bptt' or 'rtrl-dense'"
         )
-    if capacity is not None and method != "rtrl-lazy":
-        raise ValueError(f"capacity applies to method 'rtrl-lazy' only, got method={method!r}")
+    for name, value in [("capacity", capacity), ("catch_up", catch_up)]:
+        if value is not None and method != "rtrl-lazy":
+            raise ValueError(f"{name} applies to method 'rtrl-lazy' only, got method={method!r}")
 
     if method == "bptt":
         return BPTTEngine(model)
@@ -34,7 +36,7 @@ def make_engine(model: nn.Module, method: str, *, capacity: int | None = None) -
     if method == "rtrl-sparse":
         return SparseRTRL(model)
     capacity = DEFAULT_CAPACITY if capacity is None else capacity
-    return LazyRTRL(model, check_int("capacity", capacity, minimum=1))
+    return LazyRTRL(model, check_int("capacity", capacity, minimum=1), catch_up or "auto")
 
 
 def validate_sequence(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
@@ -95,13 +97,17 @@ def compute_gradients(model: nn.Module, inputs: Tensor, targets: Tensor, *, meth
         ``"bptt"``, ``"rtrl-dense"``, ``"rtrl-sparse"`` or ``"rtrl-lazy"``.
     **options
         ``capacity`` (int >= 1, ``rtrl-lazy`` only): how many recent state
-        Jacobians the segment tree keeps; default 64.
+        Jacobians the segment tree keeps; default 64. ``catch_up`` (``rtrl-lazy``
+        only): how a dormant expert is brought up to date, ``"tree"`` (one
+        range product from the tree), ``"sequential"`` (the stored steps one by
+        one) or ``"auto"`` (the cheaper by a FLOP estimate; the default).
 
     ``.grad`` of the parameters is left untouched.
     """
-    unknown = sorted(set(options) - {"capacity"})
+    unknown = sorted(set(options) - {"capacity", "catch_up"})
     if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)}; the only option is 'capacity'")
+        raise ValueError(f"unknown option(s) {', '.join(unknown)}; expected 'capacity' or "
+                         "'catch_up'")
     engine = make_engine(model, method, **options)
     targets = validate_sequence(model, inputs, targets)
 

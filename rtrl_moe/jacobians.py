@@ -144,13 +144,15 @@ class StepFactors:
       of c for the selected experts' parameters (beta uses no expert).
     * ``update`` c (``B, D``), ``weights`` beta (``B, k_write``), ``old_written``
       the written slots before the step (``B, k_write, D``).
+
+    The immediate blocks are None in copies kept only to rebuild J_t.
     """
 
     d_update_read: Tensor
     d_weights_write: Tensor
-    d_update_core: Tensor
-    d_weights_core: Tensor
-    d_update_selected: Tensor
+    d_update_core: Tensor | None
+    d_weights_core: Tensor | None
+    d_update_selected: Tensor | None
     update: Tensor
     weights: Tensor
     old_written: Tensor

@@ -25,7 +25,7 @@ The sensitivity used for a loss is always that of the state the loss reads.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -177,15 +177,19 @@ class RTRLEngine(GradientEngine):
         return d_update, d_weights
 
 
+Additions = list[tuple[slice, Tensor]]
+
+
 def sparse_update(model: RecurrentMoE, sensitivity: Tensor, factors: StepFactors,
-                  update_immediate: Tensor | None, weights_immediate: Tensor | None,
+                  update_immediate: Additions = (), weights_immediate: Additions = (),
                   matmuls: list | None = None) -> bool:
     """Apply one step to the written rows of ``sensitivity`` (``B, H, n``) in place.
 
-    ``update_immediate`` (``B, D, n``) and ``weights_immediate`` (``B, k_write, n``)
-    are dc/dtheta and dbeta/dtheta for these columns, or None where zero. The
-    shapes ``(batch, m, k, n)`` of the products on P are appended to
-    ``matmuls`` when given. Returns False if a new row is not finite.
+    ``update_immediate`` and ``weights_immediate`` list the nonzero column blocks
+    of dc/dtheta (``B, D, width``) and dbeta/dtheta (``B, k_write, width``) for
+    these columns, as ``(columns, block)`` pairs. The shapes ``(batch, m, k, n)``
+    of the products on P are appended to ``matmuls`` when given. Returns False
+    if a new row is not finite.
     """
     batch, _, n = sensitivity.shape
     d = model.d_model
@@ -194,10 +198,13 @@ def sparse_update(model: RecurrentMoE, sensitivity: Tensor, factors: StepFactors
     gap = factors.update.unsqueeze(1) - factors.old_written            # B, kw, D
     finite = True
     for b in range(batch):
-        total_update = _slot_product(factors.d_update_read[b], slots[b], read[b],
-                                     None if update_immediate is None else update_immediate[b])
-        total_weights = _slot_product(factors.d_weights_write[b], slots[b], write[b],
-                                      None if weights_immediate is None else weights_immediate[b])
+        total_update = _slot_product(factors.d_update_read[b], slots[b], read[b])
+        total_weights = _slot_product(factors.d_weights_write[b], slots[b], write[b])
+        for columns, block in update_immediate:
+            total_update[:, columns] += block[b]
+        for columns, block in weights_immediate:
+            total_weights[:, columns] += block[b]
+
         checksum = total_update.sum() + total_weights.sum()
         for j, slot in enumerate(write[b]):
             rows = slots[b, slot]
@@ -210,17 +217,12 @@ def sparse_update(model: RecurrentMoE, sensitivity: Tensor, factors: StepFactors
     return finite
 
 
-def _slot_product(jacobian: Tensor, slots: Tensor, index: list[int],
-                  immediate: Tensor | None) -> Tensor:
-    """Return ``jacobian @ P[slots in index] + immediate`` without gathering P (``m, n``)."""
+def _slot_product(jacobian: Tensor, slots: Tensor, index: list[int]) -> Tensor:
+    """Return ``jacobian @ P[slots in index]`` without gathering P (``m, n``)."""
     d = slots.shape[1]
-    total = None if immediate is None else immediate.clone()
-    for i, slot in enumerate(index):
-        block = jacobian[:, i * d:(i + 1) * d]
-        if total is None:
-            total = block @ slots[slot]
-        else:
-            total.addmm_(block, slots[slot])
+    total = jacobian[:, :d] @ slots[index[0]]
+    for i, slot in enumerate(index[1:], start=1):
+        total.addmm_(jacobian[:, i * d:(i + 1) * d], slots[slot])
     return total
 
 
@@ -281,12 +283,35 @@ class SparseRTRL(RTRLEngine):
     def _update_sensitivity(self, x: Tensor, out) -> None:
         factors = moe_step_factors(self.model, self.layout, x, self.state, out.routing)
         _check_factors(self, factors)
-        d_update, d_weights = self._full_immediate(factors)
-        if not sparse_update(self.model, self.sensitivity, factors, d_update, d_weights,
-                             self._matmuls):
-            self._check_finite(self.sensitivity, "sensitivity", "all parameters")
+        n_core = self.layout.n_core
+        core = slice(0, n_core)
+        experts = [(slice(self.layout.expert_slice(e).start - n_core,
+                          self.layout.expert_slice(e).stop - n_core),
+                    _expert_immediate(factors, e)) for e in _chosen(factors)]
+
+        finite = sparse_update(self.model, self.sensitivity[:, :, core], factors,
+                               [(core, factors.d_update_core)],
+                               [(core, factors.d_weights_core)], self._matmuls)
+        if not finite:
+            self._check_finite(self.sensitivity[:, :, core], "sensitivity", "core")
+        if self.layout.n_experts:
+            block = self.sensitivity[:, :, n_core:]
+            if not sparse_update(self.model, block, factors, experts, (), self._matmuls):
+                self._check_finite(block, "sensitivity", "experts")
+
         rows = self.sensitivity.shape[0] * self.model.k_write * self.model.d_model
         self.stats.append({"step": self.time, "rows_touched": rows})
+
+
+def _chosen(factors: StepFactors) -> list[int]:
+    """Return the experts selected by at least one sample, in increasing order."""
+    return factors.routing.experts.unique().tolist()
+
+
+def _expert_immediate(factors: StepFactors, expert: int) -> Tensor:
+    """Return dc/dtheta_e (``B, D, expert_size``); zero for samples that did not choose e."""
+    mask = (factors.routing.experts == expert).to(factors.d_update_selected.dtype)
+    return torch.einsum("bk,bdkn->bdn", mask, factors.d_update_selected)
 
 
 def _check_factors(engine: RTRLEngine, factors: StepFactors) -> None:
@@ -302,20 +327,56 @@ def _check_factors(engine: RTRLEngine, factors: StepFactors) -> None:
                                  ", ".join(f"expert {e}" for e in chosen))
 
 
+class _DeferredJacobian:
+    """A tree item whose row-sparse matrix is built the first time it is needed.
+
+    Leaves also keep the step factors, so a short span can be applied step by
+    step with the cheap sparse update instead of through the dense product.
+    """
+
+    __slots__ = ("_build", "_matrix", "factors")
+
+    def __init__(self, build, factors: StepFactors | None = None) -> None:
+        self._build, self._matrix, self.factors = build, None, factors
+
+    @property
+    def matrix(self) -> RowSparseJacobian:
+        if self._matrix is None:
+            self._matrix = self._build()
+            self._build = None
+        return self._matrix
+
+
+def _combine_deferred(earlier: _DeferredJacobian, later: _DeferredJacobian) -> _DeferredJacobian:
+    return _DeferredJacobian(lambda: compose_jacobians(earlier.matrix, later.matrix))
+
+
+CATCH_UP_MODES = ("auto", "tree", "sequential")
+
+
 class LazyRTRL(RTRLEngine):
     """Exact RTRL that defers the updates of dormant experts through a segment tree.
 
-    Parameter groups are the core and one group per expert. ``synced_until[g]``
-    is the step up to which group g's sensitivity is current: its columns of P
-    equal ``P_{synced_until[g]}``. The tree holds the last ``capacity`` state
-    Jacobians; position i in the tree is step ``time - len(tree) + i``.
+    Parameter groups are the core and one group per expert. ``synced_until[e]``
+    is the step whose sensitivity expert e's columns hold: they equal
+    ``P_{synced_until[e]}``. The tree keeps the last ``capacity`` state
+    Jacobians, so J_k sits at position ``k - (time - len(tree))`` before the
+    step's push. An expert catches up by ``P_now = J_{now-1} ... J_s P_s``,
+    either through one tree query (cost about H^2 per column plus the
+    combines) or by applying the span's steps one by one with the sparse
+    update (about ``span * k_read * D^2`` per column); ``catch_up="auto"`` picks
+    the cheaper. Tree nodes are built only when a query needs them.
     """
 
     method = "rtrl-lazy"
 
-    def __init__(self, model: RecurrentMoE, capacity: int = DEFAULT_CAPACITY) -> None:
+    def __init__(self, model: RecurrentMoE, capacity: int = DEFAULT_CAPACITY,
+                 catch_up: str = "auto") -> None:
         super().__init__(model)
-        self.capacity = capacity
+        if catch_up not in CATCH_UP_MODES:
+            raise ValueError(f"catch_up must be one of {', '.join(CATCH_UP_MODES)}, "
+                             f"got {catch_up!r}")
+        self.capacity, self.catch_up = capacity, catch_up
         self.tree: CircularSegmentTree | None = None
         self.synced_until: list[int] = []
 
@@ -325,64 +386,89 @@ class LazyRTRL(RTRLEngine):
         identity = RowSparseJacobian.identity(batch_size, self.model.state_size,
                                               dtype=self.sensitivity.dtype,
                                               device=self.sensitivity.device)
-        self.tree = CircularSegmentTree(self.capacity, compose_jacobians, identity)
+        self.tree = CircularSegmentTree(self.capacity, _combine_deferred,
+                                        _DeferredJacobian(lambda: identity))
         self.synced_until = [0] * self.layout.n_experts
 
-    def _catch_up(self, expert: int, now: int) -> int:
-        """Bring an expert's sensitivity to P_now; return the sensitivity rows touched.
+    def _use_tree(self, span: int) -> bool:
+        if self.catch_up != "auto":
+            return self.catch_up == "tree"
+        m = self.model
+        per_step = m.k_read * m.d_model ** 2 + m.k_write ** 2 * m.d_model
+        combines = max(1, (self.capacity - 1).bit_length()) * m.state_size ** 3
+        tree = m.state_size ** 2 + combines / self.layout.expert_size
+        return span * per_step > tree
 
-        The newest tree item is J_{now-1}, so step k sits at position ``k - now + len``.
-        """
-        start = self.synced_until[expert] - (now - len(self.tree))
-        product = self.tree.query(start, len(self.tree))
+    def _catch_up(self, expert: int, now: int) -> tuple[int, bool]:
+        """Bring an expert's sensitivity to P_now; return rows touched and whether the tree was used."""
+        span = now - self.synced_until[expert]
+        first = now - len(self.tree)
         columns = self.sensitivity[:, :, self.layout.expert_slice(expert)]
-        product.apply(columns)
-        if product.rows.shape[1]:
-            self._matmuls.append((columns.shape[0], product.rows.shape[1], columns.shape[1],
-                                  columns.shape[2]))
+        use_tree = self._use_tree(span)
+        if use_tree:
+            product = self.tree.query(self.synced_until[expert] - first, len(self.tree)).matrix
+            product.apply(columns)
+            rows = product.rows.numel()
+            if product.rows.shape[1]:
+                self._matmuls.append((columns.shape[0], product.rows.shape[1], columns.shape[1],
+                                      columns.shape[2]))
+        else:
+            for k in range(self.synced_until[expert], now):
+                sparse_update(self.model, columns, self.tree[k - first].factors,
+                              matmuls=self._matmuls)
+            rows = span * columns.shape[0] * self.model.k_write * self.model.d_model
+
         self._check_finite(columns, "sensitivity", f"expert {expert}")
         self.synced_until[expert] = now
-        return product.rows.numel()
+        return rows, use_tree
 
     def _update_sensitivity(self, x: Tensor, out) -> None:
         factors = moe_step_factors(self.model, self.layout, x, self.state, out.routing)
         _check_factors(self, factors)
-        counts = {"step": self.time, "deferred": 0, "synced": 0, "expired": 0, "rows_touched": 0}
-
+        counts = {"step": self.time, "deferred": 0, "synced": 0, "expired": 0,
+                  "tree_queries": 0, "rows_touched": 0}
         written = self.sensitivity.shape[0] * self.model.k_write * self.model.d_model
+
         core = self.sensitivity[:, :, : self.layout.n_core]
-        if not sparse_update(self.model, core, factors, factors.d_update_core,
-                             factors.d_weights_core, self._matmuls):
+        everything = slice(None)
+        if not sparse_update(self.model, core, factors, [(everything, factors.d_update_core)],
+                             [(everything, factors.d_weights_core)], self._matmuls):
             self._check_finite(core, "sensitivity", "core")
         counts["rows_touched"] += written
 
-        chosen = factors.routing.experts
-        active = set(chosen.unique().tolist())
-        for expert in sorted(active):
+        active = _chosen(factors)
+        for expert in active:
             if self.synced_until[expert] < self.time:
-                counts["rows_touched"] += self._catch_up(expert, now=self.time)
+                rows, used_tree = self._catch_up(expert, now=self.time)
+                counts["rows_touched"] += rows
                 counts["synced"] += 1
-            immediate = _expert_immediate(factors, chosen, expert)
+                counts["tree_queries"] += int(used_tree)
             columns = self.sensitivity[:, :, self.layout.expert_slice(expert)]
-            if not sparse_update(self.model, columns, factors, immediate, None, self._matmuls):
+            immediate = [(everything, _expert_immediate(factors, expert))]
+            if not sparse_update(self.model, columns, factors, immediate, (), self._matmuls):
                 self._check_finite(columns, "sensitivity", f"expert {expert}")
             counts["rows_touched"] += written
             self.synced_until[expert] = self.time + 1
 
-        self.tree.push(state_jacobian(self.model, factors))
+        self._push(factors)
         counts["deferred"] = self.layout.n_experts - len(active)
-        counts["expired"], rows = self._expire(now=self.time + 1)
-        counts["rows_touched"] += rows
+        self._expire(self.time + 1, counts)
         self.stats.append(counts)
 
-    def _expire(self, now: int) -> tuple[int, int]:
+    def _push(self, factors: StepFactors) -> None:
+        """Push J_t, keeping only the factors the state Jacobian needs."""
+        kept = replace(factors, d_update_core=None, d_weights_core=None, d_update_selected=None)
+        model = self.model
+        self.tree.push(_DeferredJacobian(lambda: state_jacobian(model, kept), kept))
+
+    def _expire(self, now: int, counts: dict) -> None:
         """Sync the experts whose pending span fills the tree, before the next push evicts it."""
-        expired, rows = 0, 0
         for expert, synced in enumerate(self.synced_until):
             if now - synced >= self.capacity:
-                rows += self._catch_up(expert, now)
-                expired += 1
-        return expired, rows
+                rows, used_tree = self._catch_up(expert, now)
+                counts["rows_touched"] += rows
+                counts["expired"] += 1
+                counts["tree_queries"] += int(used_tree)
 
     def _add_state_term(self, loss_vector: Tensor) -> None:
         """Add the loss term; stale experts get ``(v J_t ... J_s) P_s``."""
@@ -396,13 +482,7 @@ class LazyRTRL(RTRLEngine):
         for expert in order:
             while reached > self.synced_until[expert]:
                 reached -= 1
-                vector = self.tree[reached - first].left_apply(vector)
+                vector = self.tree[reached - first].matrix.left_apply(vector)
             columns = self.sensitivity[:, :, self.layout.expert_slice(expert)]
             self._gradient[self.layout.expert_slice(expert)] += torch.einsum(
                 "bh,bhn->n", vector, columns)
-
-
-def _expert_immediate(factors: StepFactors, chosen: Tensor, expert: int) -> Tensor:
-    """Return dc/dtheta_e (``B, D, expert_size``); zero for samples that did not choose e."""
-    mask = (chosen == expert).to(factors.d_update_selected.dtype)          # B, k
-    return torch.einsum("bk,bdkn->bdn", mask, factors.d_update_selected)

@@ -1,0 +1,64 @@
+"""The environment record stored with every benchmark result."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from rtrl_moe.benchmarks.config import dtype_name
+
+
+def cpu_model() -> str:
+    """Return the CPU model name from /proc/cpuinfo, else ``platform.processor()``."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def git_commit() -> str | None:
+    """Return the commit of the repository that holds this package, with "+dirty" if modified."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, check=True, timeout=10).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True,
+                                text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}+dirty" if status else commit
+
+
+def collect_meta(device: torch.device, dtype: torch.dtype, argv: list[str] | None = None) -> dict:
+    """Return device, processor, torch version, threads, dtype, date and command line.
+
+    ``threads`` is ``torch.get_num_threads()`` at call time, so call this after
+    ``torch.set_num_threads``. ``argv`` is the argument list without the
+    program name; None uses ``sys.argv[1:]``.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    meta = {
+        "device": device.type,
+        "cpu_model": cpu_model(),
+        "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "dtype": dtype_name(dtype),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(["python", "-m", "rtrl_moe.benchmarks", *argv]),
+        "git_commit": git_commit(),
+    }
+    meta["processor"] = meta["gpu_name"] or meta["cpu_model"]
+    return meta
