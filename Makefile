@@ -18,7 +18,7 @@ venv: $(STAMP)
 # All tests: the unit tests, then the stored notebook outputs through nbval.
 test: venv
 	$(PY) -m pytest -q tests
-	$(PY) -m pytest -q --nbval notebooks/ --sanitize-with notebooks/sanitize.cfg
+	$(PY) -m pytest -q --nbval notebooks/ --nbval-sanitize-with notebooks/sanitize.cfg
 
 unit: venv
 	$(PY) -m pytest -q tests

@@ -16,7 +16,7 @@ from rtrl_moe.benchmarks.config import (FULL_SWEEPS, RTRL_METHODS, SUITES, THESI
                                         TINY_SWEEPS, resolve_device, resolve_dtype)
 from rtrl_moe.benchmarks.floor import run_floor
 from rtrl_moe.benchmarks.memory import run_memory
-from rtrl_moe.benchmarks.meta import collect_meta
+from rtrl_moe.benchmarks.meta import busy_cpu_warning, collect_meta
 from rtrl_moe.benchmarks.report import ROWS, render_markdown, render_text, write_csv, write_json
 from rtrl_moe.benchmarks.sweeps import run_batch, run_scaling
 from rtrl_moe.benchmarks.timing import run_speed
@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--suite", type=parse_suites, default=SUITES, metavar="LIST",
                         help=f"comma-separated suites from {', '.join(SUITES)}, or 'all' "
                              "(default: all)")
+
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="device to run on (default: cpu)")
     parser.add_argument("--threads", type=_integer(1), default=2,
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: 2, fixed so that runs on different machines compare)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="floating point type of the model and data (default: float32)")
+
     parser.add_argument("--steps", type=_integer(1), default=None,
                         help=f"timed steps per point; for BPTT the window length "
                              f"(default: {DEFAULT_STEPS}, {TINY_STEPS} with --tiny)")
@@ -112,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tiny", action="store_true",
                         help="use a very small model, sweeps and step counts so that every "
                              "suite finishes in seconds (for smoke tests)")
+
     parser.add_argument("--out", type=Path, default=Path("figures/benchmarks"),
                         help="output directory (default: figures/benchmarks)")
     parser.add_argument("--merge", action="store_true",
@@ -212,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     meta = collect_meta(args.device, args.dtype, sys.argv[1:] if argv is None else argv)
     meta["tiny"] = args.tiny
+    warning = busy_cpu_warning(meta)
+    if warning and args.device.type == "cpu":
+        logger.warning("%s", warning)
 
     results = run_suites(args, meta)
     if args.merge:

@@ -122,9 +122,9 @@ def estimate_bytes(method: str, config: ModelConfig, batch_size: int, n_params: 
                    itemsize: int) -> int:
     """Estimate the largest extra memory (bytes) a method's engine allocates at once.
 
-    Dense RTRL holds the old and the new sensitivity and the dense state
-    Jacobian. The sparse engines hold one sensitivity plus copies of the read,
-    written and updated rows. BPTT is counted as zero here because its memory
+    Dense RTRL keeps the old and the new sensitivity and the dense state
+    Jacobian at the same time. The sparse engines keep one sensitivity plus
+    copies of the read, written and updated rows. BPTT is counted as zero here because its memory
     grows with the sequence length instead (see the memory suite).
     """
     if method == "bptt":

@@ -59,7 +59,8 @@ def run_point(command: list[str], method: str, length: int) -> dict:
             return json.loads(lines[-1])
         except json.JSONDecodeError:
             pass
-    tail = (completed.stderr.strip().splitlines() or ["no output"])[-1]
+    stderr_lines = completed.stderr.strip().splitlines()
+    tail = stderr_lines[-1] if stderr_lines else "no output on stderr"
     logger.error("memory point %s at T=%d failed with exit status %d: %s", method, length,
                  completed.returncode, tail)
     return {"method": method, "length": length, "status": "failed",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import shlex
 import subprocess
@@ -26,8 +27,34 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def load_average() -> float | None:
+    """Return the 1-minute load average, or None where the platform has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def busy_cpu_warning(meta: dict) -> str | None:
+    """Return a warning when other processes likely occupy the cores the run needs.
+
+    With more runnable processes than idle cores, torch's worker threads wait
+    for each other at every parallel operation, and step times can grow by
+    orders of magnitude.
+    """
+    load, cores = meta.get("load_average_1min"), meta.get("cpu_count")
+    if load is None or not cores:
+        return None
+    idle = cores - load
+    if idle + 0.5 >= meta["threads"]:
+        return None
+    return (f"the 1-minute load average is {load:.1f} on {cores} cores, so fewer than "
+            f"--threads={meta['threads']} cores are idle; timings will be slower and noisier "
+            "than on an idle machine")
+
+
 def git_commit() -> str | None:
-    """Return the commit of the repository that holds this package, with "+dirty" if modified."""
+    """Return the commit of the repository that contains this package, with "+dirty" if modified."""
     root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
@@ -59,6 +86,8 @@ def collect_meta(device: torch.device, dtype: torch.dtype, argv: list[str] | Non
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(["python", "-m", "rtrl_moe.benchmarks", *argv]),
         "git_commit": git_commit(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1min": load_average(),
     }
     meta["processor"] = meta["gpu_name"] or meta["cpu_model"]
     return meta

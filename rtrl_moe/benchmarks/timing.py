@@ -2,10 +2,10 @@
 
 RTRL engines are timed step by step with no loss: a step is the forward step
 plus the sensitivity update, which is the cost that RTRL adds per step.
-BPTT has no per-step gradient work, so it is timed by whole windows: a window
+BPTT has no per-step gradient work, so it is timed by whole windows. A window
 is ``steps`` forward steps with a cross-entropy loss at every step (random
-targets) followed by one backward pass over the window, and its per-step time
-is the window time divided by ``steps``.
+targets) followed by one backward pass over the window. Its per-step time is
+the window time divided by ``steps``.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ BPTT_WINDOWS = 5
 class StepTiming:
     """Timing of one engine at one batch size.
 
-    ``seconds`` holds one value per timed RTRL step, or per BPTT window (window
-    time divided by its steps). ``flops`` and ``matmuls`` hold, per timed RTRL
+    ``seconds`` contains one value per timed RTRL step, or per BPTT window (window
+    time divided by its steps). ``flops`` and ``matmuls`` contain, per timed RTRL
     step, the FLOPs and the ``(batch, m, k, n)`` shapes of the products on the
     sensitivity. ``skipped`` is the reason when the point was not measured.
     """
@@ -213,7 +213,7 @@ def measure_method(model: nn.Module, config: ModelConfig, method: str, batch_siz
                    ) -> StepTiming:
     """Time one method on ``model`` at one batch size, or record why it was skipped.
 
-    Every method sees the same inputs for the same ``seed``. A point that would
+    Every method gets the same inputs for the same ``seed``. A point that would
     not fit in memory is skipped before it starts, and one whose projected time
     exceeds ``max_seconds`` (None or 0: no limit) is stopped early.
     """
