@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ast
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -145,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         logger.error("error: %s", error)
         return 2
+
+    # Progress bars inside the notebooks would be stored in their outputs; the
+    # runner reports progress per notebook instead.
+    os.environ["RTRL_MOE_QUIET"] = "1"
+    logging.getLogger("papermill").setLevel(logging.WARNING)
 
     out_dir = args.output_dir or (GPU_RESULTS if device == "cuda" else None)
     if out_dir is not None:

@@ -188,3 +188,33 @@ def train(model: nn.Module, task, *, callbacks: Iterable[Callback] = (),
 def config_dict(config: TrainConfig) -> dict:
     """Return the config as a plain dict (for logging and checkpoints)."""
     return asdict(config)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task, samples: int, generator: torch.Generator,
+             batch_size: int = 100) -> dict[str, float]:
+    """Return the mean loss and the accuracy of ``model`` on ``samples`` fresh task samples.
+
+    Every step with a target counts once; the loss is the cross-entropy averaged
+    over those steps.
+    """
+    check_int("samples", samples, minimum=1)
+    check_int("batch_size", batch_size, minimum=1)
+    weight = next(model.parameters())
+    total_loss, correct, counted = 0.0, 0, 0
+    for start in range(0, samples, batch_size):
+        size = min(batch_size, samples - start)
+        batch = task.sample(size, generator).to(weight.dtype, weight.device)
+        targets = validate_sequence(model, batch.inputs, batch.targets)
+        state = model.initial_state(size)
+        for t in range(batch.inputs.shape[1]):
+            out = model.step(batch.inputs[:, t], state)
+            state = out.state
+            mask = targets[:, t] != IGNORE_INDEX
+            if bool(mask.any()):
+                logits, labels = out.logits[mask], targets[mask, t]
+                total_loss += float(torch.nn.functional.cross_entropy(
+                    logits, labels, reduction="sum"))
+                correct += int((logits.argmax(-1) == labels).sum())
+                counted += int(mask.sum())
+    return {"loss": total_loss / counted, "accuracy": correct / counted}

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from rtrl_moe.benchmarks.config import (FULL_SWEEPS, RTRL_METHODS, SUITES, THESIS2, TINY,
-                                        TINY_SWEEPS, resolve_device, resolve_dtype)
+from rtrl_moe.benchmarks.config import (ALL_METHODS, FULL_SWEEPS, RTRL_METHODS, SUITES,
+                                        THESIS2, TINY, TINY_SWEEPS, resolve_device,
+                                        resolve_dtype)
 from rtrl_moe.benchmarks.floor import run_floor
 from rtrl_moe.benchmarks.memory import run_memory
 from rtrl_moe.benchmarks.meta import busy_cpu_warning, collect_meta
@@ -64,6 +65,15 @@ def parse_lengths(text: str) -> tuple[int, ...]:
     return lengths
 
 
+def parse_batch_cap(text: str) -> tuple[str, int]:
+    """Parse ``METHOD=N``: the largest batch size at which the batch suite times METHOD."""
+    method, separator, size = text.partition("=")
+    if not separator or method not in ALL_METHODS:
+        raise argparse.ArgumentTypeError(
+            f"expected METHOD=N with METHOD one of {', '.join(ALL_METHODS)}, got {text!r}")
+    return method, _integer(1)(size)
+
+
 def parse_seconds(text: str) -> float:
     """Parse a non-negative number of seconds."""
     try:
@@ -109,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="in the scaling, batch and memory suites, stop a point and record "
                              "it as skipped when its projected run time exceeds this many "
                              f"seconds; 0 disables the limit (default: {DEFAULT_MAX_POINT_SECONDS:g})")
+    parser.add_argument("--max-batch", type=parse_batch_cap, action="append", default=[],
+                        metavar="METHOD=N",
+                        help="in the batch suite, skip METHOD at batch sizes above N, for "
+                             "example rtrl-dense=8; repeat for several methods (default: none)")
     parser.add_argument("--seed", type=_integer(0), default=0,
                         help="seed of the model initialisation and the inputs (default: 0)")
     parser.add_argument("--tiny", action="store_true",
@@ -162,7 +176,7 @@ def run_suites(args: argparse.Namespace, meta: dict) -> dict:
                                 n_experts=args.sweeps.n_experts, max_seconds=limit, **common)
         elif suite == "batch":
             block = run_batch(args.config, batch_sizes=args.sweeps.batch_sizes,
-                              max_seconds=limit, **common)
+                              max_seconds=limit, max_batch=dict(args.max_batch), **common)
         else:
             block = run_memory(args.config, lengths=args.sweeps.lengths, device=args.device,
                                dtype=args.dtype, seed=args.seed, max_seconds=limit)

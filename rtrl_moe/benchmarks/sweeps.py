@@ -9,7 +9,7 @@ import torch
 from rtrl_moe.benchmarks.config import (ALL_METHODS, FULL_SWEEPS, RTRL_METHODS, THESIS2,
                                         ModelConfig, count_parameters, resolve_device,
                                         resolve_dtype, validate_counts, validate_methods)
-from rtrl_moe.benchmarks.timing import measure_method
+from rtrl_moe.benchmarks.timing import StepTiming, measure_method
 from rtrl_moe.seeding import set_seed
 
 logger = logging.getLogger(__name__)
@@ -21,14 +21,21 @@ def _ratio(top: float | None, bottom: float | None) -> float | None:
 
 def _time_config(config: ModelConfig, methods: tuple[str, ...], batch_size: int, *,
                  steps: int, warmup: int, device: torch.device, dtype: torch.dtype,
-                 seed: int, max_seconds: float | None) -> dict[str, dict]:
+                 seed: int, max_seconds: float | None,
+                 max_batch: dict[str, int] | None = None) -> dict[str, dict]:
     """Build one model and return a summary record per method."""
     set_seed(seed, deterministic=False)
     model = config.build(dtype, device)
     records = {}
     for method in methods:
-        timing = measure_method(model, config, method, batch_size, steps=steps, warmup=warmup,
-                                seed=seed + 1, max_seconds=max_seconds)
+        cap = (max_batch or {}).get(method)
+        if cap is not None and batch_size > cap:
+            reason = f"batch size {batch_size} > --max-batch {method}={cap}"
+            logger.info("%s, batch size %d: skipped: %s", method, batch_size, reason)
+            timing = StepTiming(method, batch_size, skipped=reason)
+        else:
+            timing = measure_method(model, config, method, batch_size, steps=steps,
+                                    warmup=warmup, seed=seed + 1, max_seconds=max_seconds)
         records[method] = timing.summary()
     return records
 
@@ -105,12 +112,15 @@ def run_batch(config: ModelConfig = THESIS2, *,
               batch_sizes: tuple[int, ...] = FULL_SWEEPS.batch_sizes,
               methods: tuple[str, ...] = ALL_METHODS, steps: int = 20, warmup: int = 5,
               device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
-              seed: int = 0, max_seconds: float | None = None) -> dict:
+              seed: int = 0, max_seconds: float | None = None,
+              max_batch: dict[str, int] | None = None) -> dict:
     """Time each method at each batch size and report the cost per sample.
 
-    Parameters are as in :func:`run_scaling`. A (method, batch size) point that
-    would not fit in free memory, or whose projected time exceeds
-    ``max_seconds``, is recorded with ``status`` "skipped" and its reason.
+    Parameters are as in :func:`run_scaling`, and ``max_batch`` maps a method
+    to the largest batch size to time it at. A (method, batch size) point above
+    that cap, one that would not fit in free memory, or one whose projected
+    time exceeds ``max_seconds`` is recorded with ``status`` "skipped" and its
+    reason.
 
     Returns
     -------
@@ -127,7 +137,8 @@ def run_batch(config: ModelConfig = THESIS2, *,
     for batch_size in batch_sizes:
         logger.info("batch: batch size %d", batch_size)
         records = _time_config(config, methods, batch_size, steps=steps, warmup=warmup,
-                               device=device, dtype=dtype, seed=seed, max_seconds=max_seconds)
+                               device=device, dtype=dtype, seed=seed, max_seconds=max_seconds,
+                               max_batch=max_batch)
         points.append({"batch_size": batch_size, "methods": records})
     return {"config": config.as_dict(), "steps": steps, "warmup": warmup,
-            "max_point_seconds": max_seconds, "points": points}
+            "max_point_seconds": max_seconds, "max_batch": max_batch or {}, "points": points}

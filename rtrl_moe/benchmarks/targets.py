@@ -44,6 +44,7 @@ def memory_flatness(lazy: dict[int, float], bptt: dict[int, float]) -> dict:
         return {"target": name, "required": required, "measured": None, "status": "n/a",
                 "lengths": lengths}
 
+    name = f"{name} (T={lengths[0]}..{lengths[-1]})"
     values = [lazy[t] for t in lengths]
     spread = (max(values) - min(values)) / max(min(values), 1.0)
     grows = bptt[lengths[-1]] > (1 + LAZY_MEMORY_TOLERANCE) * bptt[lengths[0]]

@@ -87,8 +87,10 @@ class StepTiming:
 class TimeGuard:
     """Stop a point early when its projected run time exceeds a limit.
 
-    The first step is never used for a projection on its own, because it
-    carries one-time costs, unless it alone already exceeds the limit.
+    The projection takes the smaller of the last unit's time and the mean so
+    far, so that one slow unit (the first, with its one-time costs, or a
+    lazy catch-up step) does not stop a point alone. No projection is made
+    after the first unit unless that unit already exceeded the limit.
     """
 
     def __init__(self, limit: float | None, total_units: int, unit: str) -> None:
@@ -98,12 +100,13 @@ class TimeGuard:
         self.start = time.perf_counter()
 
     def reason(self, done: int, last: float) -> str | None:
+        """Return why to stop after ``done`` units, the last taking ``last`` s, or None."""
         if self.limit is None or done >= self.total_units:
             return None
         elapsed = time.perf_counter() - self.start
         if done < 2 and elapsed <= self.limit:
             return None
-        projected = elapsed + last * (self.total_units - done)
+        projected = elapsed + min(last, elapsed / done) * (self.total_units - done)
         if projected <= self.limit:
             return None
         return (f"projected {projected:.0f} s for {self.total_units} {self.unit} exceeds "
