@@ -173,29 +173,27 @@ def moe_step_factors(model: RecurrentMoE, layout: ParameterLayout, x: Tensor, h:
     core = {name: p.detach() for name, p in model.core_parameters().items()}
     selected = {name: p.detach() for name, p in model.experts.select(routing.experts).items()}
 
-    def update(core, selected, read_slots, x):
+    def factors(core, selected, read_slots, write_slots, x):
         c = model.update_vector(core, selected, read_slots, x)
-        return c, c
+        u = torch.cat([c, model.write_weights(core, write_slots)], dim=-1)
+        return u, u
 
-    def weights(core, write_slots):
-        beta = model.write_weights(core, write_slots)
-        return beta, beta
+    # One reverse pass per row of u = [c, beta]; the blocks dc/dh_W and
+    # dbeta/dh_R are exactly zero and are dropped below.
+    jacobian = jacrev(factors, argnums=(0, 1, 2, 3), has_aux=True)
+    (d_core, d_selected, d_read, d_write), u = vmap(jacobian, in_dims=(None, 0, 0, 0, 0))(
+        core, selected, read_slots, write_slots, x)
 
-    jac_update = jacrev(update, argnums=(0, 1, 2), has_aux=True)
-    (dc_core, dc_selected, dc_read), c = vmap(jac_update, in_dims=(None, 0, 0, 0))(
-        core, selected, read_slots, x)
-    jac_weights = jacrev(weights, argnums=(0, 1), has_aux=True)
-    (dbeta_core, dbeta_write), beta = vmap(jac_weights, in_dims=(None, 0))(core, write_slots)
-
-    batch = x.shape[0]
+    batch, d = x.shape[0], model.d_model
+    d_core = layout.flatten_core(d_core, batch_dims=2)
     return StepFactors(
-        d_update_read=dc_read.reshape(batch, model.d_model, -1),
-        d_weights_write=dbeta_write.reshape(batch, model.k_write, -1),
-        d_update_core=layout.flatten_core(dc_core, batch_dims=2),
-        d_weights_core=layout.flatten_core(dbeta_core, batch_dims=2),
-        d_update_selected=layout.flatten_experts(dc_selected, batch_dims=3),
-        update=c,
-        weights=beta,
+        d_update_read=d_read[:, :d].reshape(batch, d, -1),
+        d_weights_write=d_write[:, d:].reshape(batch, model.k_write, -1),
+        d_update_core=d_core[:, :d],
+        d_weights_core=d_core[:, d:],
+        d_update_selected=layout.flatten_experts(d_selected, batch_dims=3)[:, :d],
+        update=u[:, :d],
+        weights=u[:, d:],
         old_written=write_slots,
         routing=routing,
     )
