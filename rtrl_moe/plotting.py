@@ -129,7 +129,7 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def _node_label(value) -> str:
-    """Short text for one tree node; an empty string (the concatenation identity) shows as a dash."""
+    """Return the text shown for a tree node, with a dash for the empty string."""
     text = str(value)
     return text if text else "–"
 
