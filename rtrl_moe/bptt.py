@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from rtrl_moe._checks import NonFiniteError
 from rtrl_moe.rtrl import GradientEngine, StepRecord
 
 
@@ -37,8 +38,9 @@ class BPTTEngine(GradientEngine):
             out = self.model.step(x, self.state)
             loss = self.step_loss(out.logits, target)
         if not bool(torch.isfinite(out.state).all()):
-            from rtrl_moe._checks import NonFiniteError
             raise NonFiniteError(step=self.time, method=self.method, what="state")
+        if loss is not None and not bool(torch.isfinite(loss)):
+            raise NonFiniteError(step=self.time, method=self.method, what="loss")
         self.state = out.state
         self.time += 1
         if loss is None:
@@ -47,6 +49,51 @@ class BPTTEngine(GradientEngine):
         self._loss = loss if self._loss is None else self._loss + loss
         n_targets = int((target != -100).sum())
         return StepRecord(float(loss.detach()), out.logits.detach(), n_targets)
+
+    def state_dict(self) -> dict:
+        """Return the state h, the time and the gradient at an update boundary.
+
+        Raises
+        ------
+        RuntimeError
+            If losses since the last ``take_gradients`` are pending, because
+            their graph cannot be saved.
+        """
+        if self._loss is not None:
+            raise RuntimeError("BPTT has losses pending since the last take_gradients; "
+                               "save its state only at a parameter-update boundary")
+        state = None if self.state is None else self.state.detach()
+        return {"state": state, "time": self.time, "gradient": dict(self._gradient)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the state saved by :meth:`state_dict`; the graph starts empty.
+
+        Raises
+        ------
+        ValueError
+            If a saved tensor does not match the model's dtype or a parameter's shape.
+        """
+        params = dict(self.model.named_parameters())
+        gradient = dict(state["gradient"])
+        if gradient and set(gradient) != set(params):
+            raise ValueError(f"saved gradient names {sorted(gradient)} do not match the model "
+                             f"parameters {sorted(params)}")
+        for name, grad in gradient.items():
+            if grad.shape != params[name].shape or grad.dtype != params[name].dtype:
+                raise ValueError(f"saved gradient {name} has shape {tuple(grad.shape)} and dtype "
+                                 f"{grad.dtype}, expected {tuple(params[name].shape)} and "
+                                 f"{params[name].dtype}")
+        weight = next(iter(params.values()))
+        saved = state["state"]
+        if saved is not None and (saved.dtype != weight.dtype or saved.dim() != 2
+                                  or saved.shape[1] != self.model.state_size):
+            raise ValueError(f"saved state has shape {tuple(saved.shape)} and dtype {saved.dtype}, "
+                             f"expected (batch, {self.model.state_size}) and {weight.dtype}")
+
+        self.state = None if saved is None else saved.to(weight.device)
+        self._gradient = {name: grad.to(weight.device) for name, grad in gradient.items()}
+        self.time = int(state["time"])
+        self._loss = None
 
     def take_gradients(self) -> dict[str, Tensor]:
         """Backpropagate the losses since the last call, detach the state, return the gradient."""

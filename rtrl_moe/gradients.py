@@ -16,8 +16,13 @@ SPARSE_METHODS = ("rtrl-sparse", "rtrl-lazy")
 
 
 def make_engine(model: nn.Module, method: str, *, capacity: int | None = None,
-                catch_up: str | None = None) -> GradientEngine:
-    """Build the engine for ``method``; ``capacity`` and ``catch_up`` apply to ``rtrl-lazy`` only."""
+                catch_up: str | None = None, memory_budget: int | None = None) -> GradientEngine:
+    """Build the engine for ``method``; ``capacity`` and ``catch_up`` apply to ``rtrl-lazy`` only.
+
+    ``memory_budget`` (bytes, RTRL methods) caps the estimated memory checked
+    before the sensitivity is allocated; None takes half of the free memory.
+    BPTT keeps no sensitivity, so it accepts and ignores the budget.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     if method in SPARSE_METHODS and not isinstance(model, RecurrentMoE):
@@ -28,15 +33,18 @@ def make_engine(model: nn.Module, method: str, *, capacity: int | None = None,
     for name, value in [("capacity", capacity), ("catch_up", catch_up)]:
         if value is not None and method != "rtrl-lazy":
             raise ValueError(f"{name} applies to method 'rtrl-lazy' only, got method={method!r}")
+    if memory_budget is not None:
+        check_int("memory_budget", memory_budget, minimum=1)
 
     if method == "bptt":
         return BPTTEngine(model)
     if method == "rtrl-dense":
-        return DenseRTRL(model)
+        return DenseRTRL(model, memory_budget)
     if method == "rtrl-sparse":
-        return SparseRTRL(model)
+        return SparseRTRL(model, memory_budget)
     capacity = DEFAULT_CAPACITY if capacity is None else capacity
-    return LazyRTRL(model, check_int("capacity", capacity, minimum=1), catch_up or "auto")
+    return LazyRTRL(model, check_int("capacity", capacity, minimum=1), catch_up or "auto",
+                    memory_budget)
 
 
 def validate_sequence(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
@@ -101,13 +109,16 @@ def compute_gradients(model: nn.Module, inputs: Tensor, targets: Tensor, *, meth
         only): how a dormant expert is brought up to date, ``"tree"`` (one
         range product from the tree), ``"sequential"`` (the stored steps one by
         one) or ``"auto"`` (the cheaper by a FLOP estimate; the default).
+        ``memory_budget`` (bytes, RTRL methods): the largest estimated memory
+        allowed before the sensitivity is allocated (see
+        :func:`rtrl_moe.estimate_memory`); default half of the free memory.
 
     ``.grad`` of the parameters is left untouched.
     """
-    unknown = sorted(set(options) - {"capacity", "catch_up"})
+    unknown = sorted(set(options) - {"capacity", "catch_up", "memory_budget"})
     if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)}; expected 'capacity' or "
-                         "'catch_up'")
+        raise ValueError(f"unknown option(s) {', '.join(unknown)}; expected 'capacity', "
+                         "'catch_up' or 'memory_budget'")
     engine = make_engine(model, method, **options)
     targets = validate_sequence(model, inputs, targets)
 

@@ -131,6 +131,12 @@ class RecurrentMoE(nn.Module):
         initial = torch.randn(n_slots, d_model, generator=torch.Generator().manual_seed(0))
         self.register_buffer("initial_slots", initial)
 
+    def config(self) -> dict[str, int]:
+        """Return the constructor arguments, so ``RecurrentMoE(**model.config())`` rebuilds it."""
+        return {"d_in": self.d_in, "d_out": self.d_out, "d_model": self.d_model,
+                "n_heads": self.n_heads, "n_slots": self.n_slots, "n_experts": self.n_experts,
+                "k_experts": self.k_experts, "k_read": self.k_read, "k_write": self.k_write}
+
     def initial_state(self, batch_size: int) -> Tensor:
         """Return the fixed initial state, one copy per sample (``B, H``)."""
         check_int("batch_size", batch_size, minimum=1)
@@ -283,6 +289,10 @@ class DenseRNN(nn.Module):
         self.input_map = nn.Linear(d_in, d_hidden)
         self.recurrent = nn.Linear(d_hidden, d_hidden, bias=False)
         self.head = nn.Linear(d_hidden, d_out)
+
+    def config(self) -> dict[str, int]:
+        """Return the constructor arguments, so ``DenseRNN(**model.config())`` rebuilds it."""
+        return {"d_in": self.d_in, "d_out": self.d_out, "d_hidden": self.d_hidden}
 
     def initial_state(self, batch_size: int) -> Tensor:
         """Return the zero initial state (``B, H``)."""

@@ -145,9 +145,7 @@ def circular_tree_figure(tree, label=_node_label) -> Figure:
     """
     capacity, size = tree.capacity, len(tree)
     head = (tree.total_pushed - size) % capacity
-    # NOTE: reads the private node list, because the tree has no public view of
-    # its internal nodes and the figure is meant to show what is stored.
-    nodes = list(tree._nodes)
+    nodes = list(tree.nodes())
 
     fig = plt.figure(figsize=(13, 4.2))
     grid = fig.add_gridspec(2, 2, width_ratios=[1, 2.2], height_ratios=[1, 2.2])

@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import jacrev, vmap
 
-from rtrl_moe._checks import NonFiniteError
+from rtrl_moe._checks import NonFiniteError, check_int
 from rtrl_moe.jacobians import (RowSparseJacobian, StepFactors, compose_jacobians,
                                 moe_step_factors, state_jacobian)
 from rtrl_moe.layout import ParameterLayout
-from rtrl_moe.models import RecurrentMoE
+from rtrl_moe.models import RecurrentMoE, Routing
 from rtrl_moe.tree import CircularSegmentTree
 
 logger = logging.getLogger(__name__)
@@ -81,18 +81,45 @@ class GradientEngine:
 
 
 class RTRLEngine(GradientEngine):
-    """Shared part of the RTRL engines: state, sensitivity, loss and gradient."""
+    """Shared part of the RTRL engines: state, sensitivity, loss and gradient.
 
-    def __init__(self, model: nn.Module) -> None:
+    ``memory_budget`` (bytes) caps the estimated memory of a sequence, checked
+    in :meth:`begin` before the sensitivity is allocated. None takes half of
+    the free memory of the model's device.
+    """
+
+    def __init__(self, model: nn.Module, memory_budget: int | None = None) -> None:
         super().__init__(model)
+        if memory_budget is not None:
+            check_int("memory_budget", memory_budget, minimum=1)
+        self.memory_budget = memory_budget
         self.sensitivity: Tensor | None = None
         self._gradient: Tensor | None = None
         self.stats: list[dict] = []
         self._matmuls: list[tuple[int, int, int, int]] = []
 
+    def estimate_memory(self, batch_size: int):
+        """Estimate the memory of a sequence of ``batch_size`` samples, as a ``MemoryEstimate``."""
+        # Imported here because rtrl_moe.memory imports this module.
+        from rtrl_moe.memory import estimate_memory
+        return estimate_memory(self.model, self.method, batch_size,
+                               capacity=getattr(self, "capacity", None))
+
     def begin(self, batch_size: int) -> None:
-        """Start a new sequence: initial state, zero sensitivity, zero gradient."""
+        """Start a new sequence: initial state, zero sensitivity, zero gradient.
+
+        Raises
+        ------
+        MemoryBudgetError
+            If the memory estimate exceeds the budget; raised before the
+            sensitivity is allocated.
+        """
+        from rtrl_moe.memory import check_memory_budget
         weight = next(self.model.parameters())
+        # Release the previous sequence first, so that the default budget counts its memory as free.
+        self.sensitivity, self._gradient = None, None
+        check_memory_budget(self.estimate_memory(batch_size), self.memory_budget, weight.device)
+
         self.state = self.model.initial_state(batch_size)
         self.sensitivity = torch.zeros(batch_size, self.model.state_size, self.layout.n_params,
                                        dtype=weight.dtype, device=weight.device)
@@ -102,6 +129,32 @@ class RTRLEngine(GradientEngine):
         self.stats = []
         logger.debug("%s: sensitivity of shape %s allocated", self.method,
                      tuple(self.sensitivity.shape))
+
+    def state_dict(self) -> dict:
+        """Return the sequence in progress: state h, sensitivity P, gradient, time and stats."""
+        return {"state": self.state, "sensitivity": self.sensitivity,
+                "gradient": self._gradient, "time": self.time, "stats": list(self.stats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a sequence in progress from :meth:`state_dict` output.
+
+        Raises
+        ------
+        ValueError
+            If a tensor does not fit the model (shape or dtype).
+        """
+        weight = next(self.model.parameters())
+        n = self.layout.n_params
+        sensitivity = state["sensitivity"]
+        batch = None if sensitivity is None else sensitivity.shape[0]
+        self.state = _restore_tensor("state", state["state"], weight,
+                                     None if batch is None else (batch, self.model.state_size))
+        self.sensitivity = _restore_tensor("sensitivity", sensitivity, weight,
+                                           None if batch is None
+                                           else (batch, self.model.state_size, n))
+        self._gradient = _restore_tensor("gradient", state["gradient"], weight, (n,))
+        self.time = int(state["time"])
+        self.stats = list(state["stats"])
 
     def take_gradients(self) -> dict[str, Tensor]:
         """Return the gradient accumulated since the last call and reset it."""
@@ -157,8 +210,9 @@ class RTRLEngine(GradientEngine):
         self._gradient += torch.einsum("bh,bhn->n", loss_vector, self.sensitivity)
 
     def _check_finite(self, tensor: Tensor, what: str, group: str | None = None) -> None:
-        # A sum is one cheap pass, and NaN or infinity anywhere makes it non-finite.
-        if not bool(torch.isfinite(tensor.sum())):
+        # A sum is one cheap pass and is non-finite whenever an entry is. It can
+        # also overflow on huge finite entries, so confirm entry by entry.
+        if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
             raise NonFiniteError(step=self.time, method=self.method, what=what, group=group)
 
     def _full_immediate(self, factors: StepFactors) -> tuple[Tensor, Tensor]:
@@ -175,6 +229,18 @@ class RTRLEngine(GradientEngine):
         d_weights = factors.d_weights_core.new_zeros(*factors.d_weights_core.shape[:2], n)
         d_weights[:, :, :n_core] = factors.d_weights_core
         return d_update, d_weights
+
+
+def _restore_tensor(name: str, tensor: Tensor | None, like: Tensor,
+                    shape: tuple[int, ...] | None) -> Tensor | None:
+    """Move a saved tensor to ``like``'s device after checking its dtype and shape."""
+    if tensor is None:
+        return None
+    if tensor.dtype != like.dtype:
+        raise ValueError(f"saved {name} has dtype {tensor.dtype}, but the model has {like.dtype}")
+    if shape is not None and tuple(tensor.shape) != shape:
+        raise ValueError(f"saved {name} has shape {tuple(tensor.shape)}, expected {shape}")
+    return tensor.to(like.device)
 
 
 Additions = list[tuple[slice, Tensor]]
@@ -347,8 +413,29 @@ class _DeferredJacobian:
         return self._matrix
 
 
-def _combine_deferred(earlier: _DeferredJacobian, later: _DeferredJacobian) -> _DeferredJacobian:
-    return _DeferredJacobian(lambda: compose_jacobians(earlier.matrix, later.matrix))
+def _leaf(model: RecurrentMoE, kept: StepFactors) -> _DeferredJacobian:
+    """Return a tree leaf that builds J_t from the kept factors when first needed."""
+    return _DeferredJacobian(lambda: state_jacobian(model, kept), kept)
+
+
+# The StepFactors fields a tree leaf keeps; the immediate blocks are dropped.
+_KEPT_FACTORS = ("d_update_read", "d_weights_write", "update", "weights", "old_written")
+
+
+def _factors_to_dict(factors: StepFactors) -> dict[str, Tensor]:
+    """Return the kept factors of a leaf as a flat dict of compact tensor copies."""
+    saved = {name: getattr(factors, name).clone() for name in _KEPT_FACTORS}
+    for name in ("read", "write", "experts"):
+        saved[name] = getattr(factors.routing, name).clone()
+    return saved
+
+
+def _factors_from_dict(saved: dict[str, Tensor], device: torch.device) -> StepFactors:
+    """Rebuild the kept factors of a leaf from :func:`_factors_to_dict` output."""
+    kept = {name: saved[name].to(device) for name in _KEPT_FACTORS}
+    routing = Routing(*(saved[name].to(device) for name in ("read", "write", "experts")))
+    return StepFactors(d_update_core=None, d_weights_core=None, d_update_selected=None,
+                       routing=routing, **kept)
 
 
 CATCH_UP_MODES = ("auto", "tree", "sequential")
@@ -371,24 +458,85 @@ class LazyRTRL(RTRLEngine):
     method = "rtrl-lazy"
 
     def __init__(self, model: RecurrentMoE, capacity: int = DEFAULT_CAPACITY,
-                 catch_up: str = "auto") -> None:
-        super().__init__(model)
+                 catch_up: str = "auto", memory_budget: int | None = None) -> None:
+        super().__init__(model, memory_budget)
         if catch_up not in CATCH_UP_MODES:
             raise ValueError(f"catch_up must be one of {', '.join(CATCH_UP_MODES)}, "
                              f"got {catch_up!r}")
         self.capacity, self.catch_up = capacity, catch_up
         self.tree: CircularSegmentTree | None = None
         self.synced_until: list[int] = []
+        self._tree_matmuls: list[tuple[int, int, int, int]] = []
 
     def begin(self, batch_size: int) -> None:
         """Start a new sequence with an empty tree and every expert current."""
+        self.tree = None
         super().begin(batch_size)
+        self.tree = CircularSegmentTree(self.capacity, self._combine,
+                                        self._identity(batch_size))
+        self.synced_until = [0] * self.layout.n_experts
+
+    def _identity(self, batch_size: int) -> _DeferredJacobian:
         identity = RowSparseJacobian.identity(batch_size, self.model.state_size,
                                               dtype=self.sensitivity.dtype,
                                               device=self.sensitivity.device)
-        self.tree = CircularSegmentTree(self.capacity, _combine_deferred,
-                                        _DeferredJacobian(lambda: identity))
-        self.synced_until = [0] * self.layout.n_experts
+        return _DeferredJacobian(lambda: identity)
+
+    def state_dict(self) -> dict:
+        """Return the RTRL state plus ``synced_until`` and the tree leaves as plain tensors.
+
+        Each kept leaf is stored as the factors J_t is built from, so the
+        state contains no closures and loads with ``torch.load(weights_only=True)``.
+        """
+        state = super().state_dict()
+        state["synced_until"] = list(self.synced_until)
+        state["tree"] = None
+        if self.tree is not None:
+            state["tree"] = {"capacity": self.tree.capacity,
+                             "total_pushed": self.tree.total_pushed,
+                             "items": [_factors_to_dict(item.factors) for item in self.tree.items()]}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a sequence in progress, rebuilding the tree by pushing its leaves again.
+
+        Raises
+        ------
+        ValueError
+            If the saved tree has another capacity or the tensors do not fit the model.
+        """
+        super().load_state_dict(state)
+        synced = [int(step) for step in state["synced_until"]]
+        tree = state["tree"]
+        if tree is None or self.sensitivity is None:
+            self.tree, self.synced_until = None, synced
+            return
+        if len(synced) != self.layout.n_experts:
+            raise ValueError(f"saved synced_until has {len(synced)} entries, expected one per "
+                             f"expert ({self.layout.n_experts})")
+        if tree["capacity"] != self.capacity:
+            raise ValueError(f"saved tree capacity {tree['capacity']} does not match "
+                             f"capacity={self.capacity}")
+
+        device = self.sensitivity.device
+        leaves = [_leaf(self.model, _factors_from_dict(item, device)) for item in tree["items"]]
+        saved = {"capacity": tree["capacity"], "total_pushed": tree["total_pushed"],
+                 "items": leaves}
+        self.tree = CircularSegmentTree.from_state_dict(
+            saved, self._combine, self._identity(self.sensitivity.shape[0]))
+        self.synced_until = synced
+
+    def _combine(self, earlier: _DeferredJacobian, later: _DeferredJacobian) -> _DeferredJacobian:
+        """Tree combine: the product ``later @ earlier``, built when first needed."""
+        def build() -> RowSparseJacobian:
+            first, second = earlier.matrix, later.matrix
+            product = compose_jacobians(first, second)
+            # compose multiplies (union rows x rows of ``first``) by (rows x H).
+            self._tree_matmuls.append((product.rows.shape[0], product.rows.shape[1],
+                                       first.rows.shape[1], first.size))
+            return product
+
+        return _DeferredJacobian(build)
 
     def _use_tree(self, span: int) -> bool:
         if self.catch_up != "auto":
@@ -427,6 +575,7 @@ class LazyRTRL(RTRLEngine):
         _check_factors(self, factors)
         counts = {"step": self.time, "deferred": 0, "synced": 0, "expired": 0,
                   "tree_queries": 0, "rows_touched": 0}
+        self._tree_matmuls = []
         written = self.sensitivity.shape[0] * self.model.k_write * self.model.d_model
 
         core = self.sensitivity[:, :, : self.layout.n_core]
@@ -452,14 +601,15 @@ class LazyRTRL(RTRLEngine):
 
         self._push(factors)
         counts["deferred"] = self.layout.n_experts - len(active)
+        counts["active"] = active
         self._expire(self.time + 1, counts)
+        counts["tree_flops"] = sum(2 * b * m * k * n for b, m, k, n in self._tree_matmuls)
         self.stats.append(counts)
 
     def _push(self, factors: StepFactors) -> None:
         """Push J_t, keeping only the factors the state Jacobian needs."""
         kept = replace(factors, d_update_core=None, d_weights_core=None, d_update_selected=None)
-        model = self.model
-        self.tree.push(_DeferredJacobian(lambda: state_jacobian(model, kept), kept))
+        self.tree.push(_leaf(self.model, kept))
 
     def _expire(self, now: int, counts: dict) -> None:
         """Sync the experts whose pending span fills the tree, before the next push evicts it."""

@@ -89,6 +89,10 @@ class CircularSegmentTree(Generic[T]):
             f"len={self._size}, total_pushed={self._total_pushed})"
         )
 
+    def nodes(self) -> tuple[T, ...]:
+        """Return a copy of the node array: node 1 is the root, leaf i is node ``capacity + i``."""
+        return tuple(self._nodes)
+
     def __getitem__(self, index: int) -> T:
         """Return the kept item at a logical index (negative counts from newest)."""
         position = operator.index(index)
@@ -168,6 +172,10 @@ class CircularSegmentTree(Generic[T]):
     ) -> CircularSegmentTree[T]:
         """Rebuild a tree from ``state_dict`` output by pushing its items.
 
+        A full tree is rebuilt with its ring buffer rotated as before (head at
+        ``total_pushed % capacity``), so every query folds the same nodes in
+        the same grouping. Floating point folds then give bitwise equal results.
+
         Raises
         ------
         ValueError
@@ -187,6 +195,10 @@ class CircularSegmentTree(Generic[T]):
                 f"integer >= the number of items ({len(items)})"
             )
 
+        # Placeholders fill the leaves before the head and are evicted by the last pushes.
+        if len(items) == tree.capacity:
+            for _ in range(int(total_pushed) % tree.capacity):
+                tree.push(identity)
         for item in items:
             tree.push(item)
         tree._total_pushed = int(total_pushed)

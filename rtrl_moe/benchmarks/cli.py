@@ -116,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{','.join(map(str, TINY_SWEEPS.lengths))} with --tiny)")
     parser.add_argument("--max-point-seconds", type=parse_seconds,
                         default=DEFAULT_MAX_POINT_SECONDS, metavar="SECONDS",
-                        help="in the scaling, batch and memory suites, stop a point and record "
-                             "it as skipped when its projected run time exceeds this many "
-                             f"seconds; 0 disables the limit (default: {DEFAULT_MAX_POINT_SECONDS:g})")
+                        help="in the scaling and batch suites, stop a point and record it as "
+                             "skipped when its projected run time exceeds this many seconds; "
+                             f"0 disables the limit (default: {DEFAULT_MAX_POINT_SECONDS:g})")
     parser.add_argument("--max-batch", type=parse_batch_cap, action="append", default=[],
                         metavar="METHOD=N",
                         help="in the batch suite, skip METHOD at batch sizes above N, for "
@@ -178,8 +178,9 @@ def run_suites(args: argparse.Namespace, meta: dict) -> dict:
             block = run_batch(args.config, batch_sizes=args.sweeps.batch_sizes,
                               max_seconds=limit, max_batch=dict(args.max_batch), **common)
         else:
+            # The length sweep is the measurement, so memory points have no time limit.
             block = run_memory(args.config, lengths=args.sweeps.lengths, device=args.device,
-                               dtype=args.dtype, seed=args.seed, max_seconds=limit)
+                               dtype=args.dtype, seed=args.seed)
         block["wall_seconds"] = time.perf_counter() - start
         block["meta"] = meta
         results[suite] = block

@@ -88,9 +88,9 @@ class TimeGuard:
     """Stop a point early when its projected run time exceeds a limit.
 
     The projection takes the smaller of the last unit's time and the mean so
-    far, so that one slow unit (the first, with its one-time costs, or a
-    lazy catch-up step) does not stop a point alone. No projection is made
-    after the first unit unless that unit already exceeded the limit.
+    far, so that one slow unit (a lazy catch-up step, say) does not stop a
+    point alone. The first unit also carries one-time costs, so after it
+    alone the point stops only if the projection exceeds twice the limit.
     """
 
     def __init__(self, limit: float | None, total_units: int, unit: str) -> None:
@@ -104,10 +104,9 @@ class TimeGuard:
         if self.limit is None or done >= self.total_units:
             return None
         elapsed = time.perf_counter() - self.start
-        if done < 2 and elapsed <= self.limit:
-            return None
         projected = elapsed + min(last, elapsed / done) * (self.total_units - done)
-        if projected <= self.limit:
+        allowed = 2 * self.limit if done == 1 else self.limit
+        if projected <= allowed:
             return None
         return (f"projected {projected:.0f} s for {self.total_units} {self.unit} exceeds "
                 f"the limit of {self.limit:g} s per point (--max-point-seconds)")
