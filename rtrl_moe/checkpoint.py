@@ -273,7 +273,7 @@ def restore_rng(state: dict, generator: torch.Generator) -> None:
     """Restore the generator states saved by :func:`capture_rng`.
 
     CUDA states are restored when the checkpoint has them and this process
-    sees as many CUDA devices; otherwise they are skipped with a warning.
+    has as many CUDA devices. Otherwise they are skipped with a warning.
     """
     generator.set_state(state["data"])
     torch.set_rng_state(state["torch"])

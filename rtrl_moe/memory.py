@@ -98,7 +98,7 @@ def estimate_memory(model: nn.Module, method: str, batch_size: int,
     MemoryEstimate
         Let H be the state size, n the parameter count, B the batch size and s
         the dtype size. ``rtrl-dense`` keeps P and builds the next P
-        (``2 B H n s``). Next to them it holds the dense state Jacobian
+        (``2 B H n s``). Next to them it keeps the dense state Jacobian
         (``B H^2 s``) and the immediate Jacobians over all n columns.
         ``rtrl-sparse`` and ``rtrl-lazy`` keep one P plus the immediate blocks
         of the core and the selected experts. ``rtrl-lazy`` adds the last

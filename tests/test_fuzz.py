@@ -16,7 +16,7 @@ from rtrl_moe.training import TrainConfig, Trainer, train
 TOLERANCE = 1e-10
 D_IN, D_OUT = 3, 4
 FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-PARITY = settings(FUZZ, max_examples=40)
+PARITY = settings(FUZZ, max_examples=30)
 
 
 @st.composite
