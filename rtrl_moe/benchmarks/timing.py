@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from rtrl_moe.benchmarks.config import (ALL_METHODS, THESIS2, ModelConfig, memory_skip_reason,
+from rtrl_moe.benchmarks.config import (ALL_METHODS, MEMORY_SHARE, THESIS2, ModelConfig,
+                                        available_bytes, memory_skip_reason,
                                         resolve_device, resolve_dtype, synchronize,
                                         validate_counts, validate_methods)
 from rtrl_moe.benchmarks.targets import SPEEDUP_TARGETS, at_least
@@ -138,7 +139,10 @@ def time_rtrl(model: nn.Module, method: str, inputs: Tensor, warmup: int,
     batch, total = inputs.shape[0], inputs.shape[1]
     timing = StepTiming(method, batch)
     guard = TimeGuard(max_seconds, total, "steps")
-    engine = make_engine(model, method)
+    # The same budget as the skip check in measure_method, so a point that
+    # passed that check is not rejected by the engine's default budget.
+    budget = int(MEMORY_SHARE * available_bytes(device))
+    engine = make_engine(model, method, memory_budget=budget)
     engine.begin(batch)
 
     for t in range(total):
