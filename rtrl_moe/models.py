@@ -213,7 +213,7 @@ class RecurrentMoE(nn.Module):
                       read_slots: Tensor, x: Tensor) -> Tensor:
         """Compute c from the read slots, the input and the selected experts (``..., D``).
 
-        ``selected`` holds the gathered parameters of the chosen experts (leading
+        ``selected`` contains the gathered parameters of the chosen experts (leading
         dimension ``k_experts`` after the batch dimensions), so c depends on no
         other expert and on no slot outside the read set.
         """

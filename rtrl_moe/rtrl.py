@@ -47,7 +47,7 @@ DEFAULT_CAPACITY = 64
 
 @dataclass(frozen=True)
 class StepRecord:
-    """What one step of an engine produced: loss (None without targets) and logits."""
+    """Output of one engine step: the loss (None without targets), the logits and the target count."""
 
     loss: float | None
     logits: Tensor

@@ -1,6 +1,6 @@
 """A training loop shared by every gradient method.
 
-The trainer knows nothing about the method: it asks an engine (BPTT or one of
+The trainer is independent of the method: it asks an engine (BPTT or one of
 the RTRL variants) for gradients and applies them with any torch optimizer.
 With ``update_every=k`` the parameters change every k steps inside a sequence:
 online RTRL keeps its sensitivities across the update, while BPTT becomes
