@@ -260,6 +260,8 @@ def sparse_update(model: RecurrentMoE, sensitivity: Tensor, factors: StepFactors
     batch, _, n = sensitivity.shape
     d = model.d_model
     slots = sensitivity.view(batch, model.n_slots, d, n)
+    # NOTE: one Python iteration per sample, and .tolist() synchronises a GPU;
+    # a batched kernel would serve large batches better.
     read, write = factors.routing.read.tolist(), factors.routing.write.tolist()
     gap = factors.update.unsqueeze(1) - factors.old_written            # B, kw, D
     finite = True
