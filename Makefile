@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 .PHONY: venv test unit notebooks-test results bench clean
 
 $(STAMP): requirements-lock.txt pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if v == (3, 11) else "$(PYTHON) is Python %d.%d, but rtrl_moe needs 3.11; run make clean, then for example make test PYTHON=python3.11" % v)'
+	$(PYTHON) -m venv --clear $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -r requirements-lock.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .

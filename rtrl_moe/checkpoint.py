@@ -118,10 +118,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     except OSError:
         raise
     except Exception as error:  # torch.load raises many exception types on damaged files
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        # torch's own message may suggest weights_only=False, which would let an
+        # untrusted file run code, so only the exception type is passed on.
         raise CheckpointError(
             f"cannot read checkpoint {path}: the file is truncated, corrupted or was not "
-            f"written by torch.save ({type(error).__name__}: {reason})"
+            f"written by Trainer.save_checkpoint ({type(error).__name__})"
         ) from error
 
     _check_format(payload, path)

@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=int, default=3600,
                         help="execution timeout per cell in seconds (default 3600)")
     parser.add_argument("--output-dir", type=Path, default=None,
-                        help="write executed notebooks and figures here instead of in place")
+                        help="write executed notebooks and figures here instead of in place "
+                             "(default on CUDA: results-gpu/)")
     args = parser.parse_args(argv)
     if args.timeout < 1:
         parser.error(f"--timeout must be >= 1 second, got {args.timeout}")
@@ -80,17 +81,21 @@ def notebook_parameters(path: Path) -> dict[str, object]:
 
 def parse_overrides(pairs: list[list[str]], notebooks: list[Path]) -> dict[str, object]:
     """Parse ``NAME VALUE`` pairs; raise ``ValueError`` for a name no selected notebook defines."""
-    known: set[str] = set()
+    defaults: dict[str, object] = {}
     for path in notebooks:
-        known |= set(notebook_parameters(path))
+        defaults.update(notebook_parameters(path))
     overrides: dict[str, object] = {}
     for name, text in pairs:
-        if name not in known:
+        if name not in defaults:
             raise ValueError(f"unknown parameter {name!r}; the selected notebooks define: "
-                             f"{', '.join(sorted(known))}")
+                             f"{', '.join(sorted(defaults))}")
         try:
             overrides[name] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
+            # A bare word is accepted only where the default is a string (DEVICE=cuda).
+            if not isinstance(defaults[name], str):
+                raise ValueError(f"parameter {name} must be a Python literal like its default "
+                                 f"{defaults[name]!r}, got {text!r}") from None
             overrides[name] = text
     return overrides
 
