@@ -158,11 +158,6 @@ class StepFactors:
     old_written: Tensor
     routing: Routing
 
-    def tensors(self) -> list[Tensor]:
-        """Return every Jacobian block (for finiteness checks)."""
-        return [self.d_update_read, self.d_weights_write, self.d_update_core,
-                self.d_weights_core, self.d_update_selected]
-
 
 def moe_step_factors(model: RecurrentMoE, layout: ParameterLayout, x: Tensor, h: Tensor,
                      routing: Routing) -> StepFactors:
