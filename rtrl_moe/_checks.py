@@ -33,7 +33,7 @@ def check_positive_float(name: str, value: object) -> float:
 
 
 def check_finite(name: str, tensor: Tensor) -> None:
-    """Raise ``ValueError`` if ``tensor`` holds NaN or infinity."""
+    """Raise ``ValueError`` if ``tensor`` contains NaN or infinity."""
     if not torch.isfinite(tensor).all():
         bad = int((~torch.isfinite(tensor)).sum())
         raise ValueError(f"{name} must be finite, got {bad} non-finite value(s)")

@@ -106,9 +106,10 @@ def compute_gradients(model: nn.Module, inputs: Tensor, targets: Tensor, *, meth
     **options
         ``capacity`` (int >= 1, ``rtrl-lazy`` only): how many recent state
         Jacobians the segment tree keeps; default 64. ``catch_up`` (``rtrl-lazy``
-        only): how a dormant expert is brought up to date, ``"tree"`` (one
-        range product from the tree), ``"sequential"`` (the stored steps one by
-        one) or ``"auto"`` (the cheaper by a FLOP estimate; the default).
+        only) sets how a dormant expert is brought up to date. ``"tree"``
+        applies one range product from the tree and ``"sequential"`` applies
+        the stored steps one by one. ``"auto"``, the default, picks the cheaper
+        of the two by a FLOP estimate.
         ``memory_budget`` (bytes, RTRL methods): the largest estimated memory
         allowed before the sensitivity is allocated (see
         :func:`rtrl_moe.estimate_memory`); default half of the free memory.

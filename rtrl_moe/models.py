@@ -68,10 +68,10 @@ class RecurrentMoE(nn.Module):
 
     1. read gate: a linear score per slot, top-``k_read`` slots form the read set R,
        weighted by a softmax over the selected scores only;
-    2. the weighted read slots and the embedded input attend over each other
-       (multi-head attention written with einsum and softmax, so it works under
-       ``torch.func.vmap``), then a feed-forward block; the tokens are mean-pooled
-       into z;
+    2. the weighted read slots and the embedded input attend over each other,
+       then pass a feed-forward block, and the tokens are mean-pooled into z.
+       The attention is written with einsum and softmax, so it works under
+       ``torch.func.vmap``;
     3. a top-``k_experts`` gate over the experts, softmax over the selected
        logits; each selected expert adds ``ReLU(W_e z + b_e)`` to z;
     4. write gate: a linear score of each layer-normalised slot, top-``k_write``

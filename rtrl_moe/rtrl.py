@@ -415,9 +415,9 @@ class _DeferredJacobian:
         return self._matrix
 
 
-def _leaf(model: RecurrentMoE, kept: StepFactors) -> _DeferredJacobian:
-    """Return a tree leaf that builds J_t from the kept factors when first needed."""
-    return _DeferredJacobian(lambda: state_jacobian(model, kept), kept)
+def _leaf(model: RecurrentMoE, state_factors: StepFactors) -> _DeferredJacobian:
+    """Return a tree leaf that builds J_t from the state factors when first needed."""
+    return _DeferredJacobian(lambda: state_jacobian(model, state_factors), state_factors)
 
 
 # The StepFactors fields a tree leaf keeps; the immediate blocks are dropped.
@@ -610,8 +610,9 @@ class LazyRTRL(RTRLEngine):
 
     def _push(self, factors: StepFactors) -> None:
         """Push J_t, keeping only the factors the state Jacobian needs."""
-        kept = replace(factors, d_update_core=None, d_weights_core=None, d_update_selected=None)
-        self.tree.push(_leaf(self.model, kept))
+        state_factors = replace(factors, d_update_core=None, d_weights_core=None,
+                                d_update_selected=None)
+        self.tree.push(_leaf(self.model, state_factors))
 
     def _expire(self, now: int, counts: dict) -> None:
         """Sync the experts whose pending span fills the tree, before the next push evicts it."""

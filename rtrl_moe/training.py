@@ -1,7 +1,7 @@
 """A training loop shared by every gradient method.
 
-The trainer is independent of the method: it asks an engine (BPTT or one of
-the RTRL variants) for gradients and applies them with any torch optimizer.
+The trainer is independent of the method. It requests gradients from an engine
+(BPTT or one of the RTRL variants) and applies them with any torch optimizer.
 With ``update_every=k`` the parameters change every k steps inside a sequence:
 online RTRL keeps its sensitivities across the update, while BPTT becomes
 truncated BPTT with window k. Progress goes to callbacks, one call per sequence.
